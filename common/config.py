@@ -1,0 +1,313 @@
+"""Typed run configuration: YAML files, dotted command-line overrides, strict validation.
+
+Every section is a keyword-only dataclass. Loading walks the YAML mapping against the dataclass
+fields, so a misspelt key or a wrong type fails at start-up with the key, the file and the
+accepted values, instead of silently falling back to a default half-way through a long run
+(timm's YAML-over-argparse merge lets typos pass; we do not).
+
+Stage sections (`distill`, `prune`, ...) live with their stage and are composed into the root
+schema in `launch.config`; this module holds the machinery and the sections every stage shares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix by editing the named key."""
+
+
+# --------------------------------------------------------------------------------------------
+# Shared sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    out_dir: str = "runs/default"
+    """Every stage writes into `<out_dir>/<stage>/`; re-running resumes from what is there."""
+    seed: int = 0
+    """Seeds model init, the epoch permutations and every augmentation view."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True): bit-reproducible runs at some speed cost."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision for the student; losses are always computed in float32."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    name: str = "digits"
+    """Registered dataset: digits | cifar10 | cifar100 | imagefolder."""
+    root: str | None = None
+    """Local directory (Parquet HF layout, torchvision python layout, or class folders)."""
+    image_size: int | None = None
+    """Side of the square network input; None takes the dataset's native size."""
+    augment: Literal["cifar", "imagenet", "none"] = "cifar"
+    """Replayable training view recipe: pad+crop+flip (cifar) or resized crop+flip."""
+    pad: int = 4
+    """Zero padding of the cifar recipe before the random crop."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Area range of the imagenet recipe's resized crop."""
+    crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    """Aspect-ratio range of the imagenet recipe's resized crop."""
+    hflip: bool = True
+    """Random horizontal flip (p=0.5) in either recipe."""
+    mean: tuple[float, float, float] | None = None
+    """Normalisation mean; None takes the dataset's own statistics."""
+    std: tuple[float, float, float] | None = None
+    """Normalisation std; None takes the dataset's own statistics."""
+    train_subset: int | None = None
+    """Use only the first N training samples (experiments on a budget)."""
+    test_subset: int | None = None
+    """Use only the first N test samples."""
+    num_workers: int = 0
+    """DataLoader workers per process; views do not depend on it."""
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    """offline by default: compute nodes rarely have internet (`wandb sync` later)."""
+    project: str = "kdslim"
+    """wandb project name."""
+    entity: str | None = None
+    """wandb entity (team); None uses the account default."""
+    progress: bool = True
+    """Progress bar on rank 0."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    """Optimizer."""
+    lr: float = 0.1
+    """Peak learning rate, reached after warmup."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = False
+    """SGD Nesterov momentum."""
+    weight_decay: float = 1e-4
+    """Decoupled for AdamW, L2 for SGD."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    schedule: Literal["step", "cosine", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    """Step schedule: fractions of training at which lr is multiplied by `gamma`."""
+    gamma: float = 0.1
+    """Step schedule decay factor."""
+    warmup_epochs: float = 0.0
+    """Linear warmup from 0 over this many epochs."""
+    clip_grad_norm: float | None = None
+    """Clip the global gradient norm (after unscaling) when set."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "cifar_resnet20"
+    """Registered model name (see `python -m launch models`), or tv_<torchvision name>."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra factory arguments."""
+    weights: str | None = None
+    """Local state dict (safetensors or torch) to start from; never downloaded."""
+
+
+@dataclass(kw_only=True)
+class LoopConfig:
+    """Settings of the shared training loop: every training stage embeds one."""
+
+    epochs: int = 10
+    """Passes over the training set."""
+    batch_size: int = 128
+    """GLOBAL batch per optimizer step, whatever the number of processes and accumulation."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; per-process micro-batch = batch/(processes*accum)."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    eval_every: int = 1
+    """Evaluate on the test split every N epochs (and always after the last)."""
+    checkpoint_every_steps: int = 0
+    """Also checkpoint every N optimizer steps (0: only at epoch end)."""
+    keep_checkpoints: int = 2
+    """Resumable checkpoints kept on disk (oldest deleted first)."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint in the stage directory."""
+    sync_bn: bool = True
+    """Synchronise BatchNorm statistics across processes (CUDA SyncBN or the CPU all-reduce)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps in total (smoke tests, budgets)."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """`train`: supervised training of a registered model (teachers, CE baselines)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network to train."""
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    """Schedule, batch and checkpoint settings."""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading machinery
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        return f"{getattr(origin, '__name__', origin)}[{args}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only lossless cases (int->float,
+    list->tuple); anything else is a ConfigError naming the key and the file."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def fail() -> typing.NoReturn:
+        raise ConfigError(
+            f"{src}: `{key}` must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        )
+
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in args:
+            return value
+        fail()
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, src)
+            except ConfigError:
+                continue
+        fail()
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            fail()
+        return from_dict(tp, value, src=src, prefix=f"{key}.")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            fail()
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]", src) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{src}: `{key}` needs {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]", src) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            fail()
+        return [_coerce(v, args[0], f"{key}[{i}]", src) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            fail()
+        return {str(k): _coerce(v, args[1], f"{key}.{k}", src) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            fail()
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail()
+        return value
+    if tp is bool or tp is str:
+        if not isinstance(value, tp):
+            fail()
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a schema bug, not user error
+
+
+def from_dict(cls: type, data: dict, *, src: str = "<config>", prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f"; did you mean `{prefix}{close[0]}`?" if close else ""
+        raise ConfigError(
+            f"{src}: unknown key `{prefix}{key}`{hint} (valid keys here: {', '.join(names)})"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}", src) for k, v in data.items()}
+    try:
+        obj = cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{src}: {e}") from None
+    return obj
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain, JSON/YAML-serialisable mapping (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def apply_override(data: dict, dotted: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (safe_load:
+    numbers, booleans, lists, null), never evaluated as code."""
+    if "=" not in dotted:
+        raise ConfigError(f"override `{dotted}` is not of the form dotted.key=value")
+    path, raw = dotted.split("=", 1)
+    keys = path.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override `{dotted}` has an empty key")
+    node = data
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override `{dotted}`: `{k}` is not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(cls: type, path: str | Path | None, overrides: list[str] = ()) -> Any:
+    """Read YAML `path` (or start from defaults), apply dotted overrides, validate into `cls`."""
+    data: dict = {}
+    src = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist (see configs/ for examples)")
+        src = str(p)
+        with p.open() as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{src}: the top level must be a mapping of sections")
+    for ov in overrides:
+        apply_override(data, ov)
+    if overrides:
+        src = f"{src} (with command-line overrides)"
+    return from_dict(cls, data, src=src)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config next to a stage's outputs (atomically)."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(p)

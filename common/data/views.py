@@ -1,0 +1,158 @@
+"""Replayable augmentation views.
+
+A view is fully determined by (seed, sample_id, view_id): its parameters (crop box, flip) are
+drawn from a generator seeded with exactly those integers. Teachers scored view v of sample i;
+the student later rebuilds the same pixels from the same three numbers (Beyer et al. 2022:
+teacher and student must see the same view; FKD replays stored crop boxes the same way).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common.config import DataConfig
+from common.data.seeding import rng_for
+from common.data.sources import ImageSource
+
+_VIEW_SALT = 0x51EE
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """Crop box in pixels of the (padded) source image and a flip flag."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
+class ViewRecipe:
+    """Turns (image, sample_id, view_id) into a normalised float tensor [3, S, S]."""
+
+    def __init__(self, cfg: DataConfig, source: ImageSource, seed: int, plain_view_zero=False):
+        self.kind = cfg.augment
+        self.size = cfg.image_size or source.native_size
+        if self.size is None:
+            raise ValueError("data.image_size must be set for datasets of mixed image sizes")
+        self.pad = cfg.pad
+        self.scale, self.ratio, self.hflip = cfg.crop_scale, cfg.crop_ratio, cfg.hflip
+        self.mean = torch.tensor(cfg.mean or source.stats.mean).view(3, 1, 1)
+        self.std = torch.tensor(cfg.std or source.stats.std).view(3, 1, 1)
+        self.seed = seed
+        self.plain_view_zero = plain_view_zero
+
+    def fingerprint(self) -> str:
+        """Hash of everything that decides a view's pixels (for cache manifests)."""
+        spec = {
+            "kind": self.kind,
+            "size": self.size,
+            "pad": self.pad,
+            "scale": list(self.scale),
+            "ratio": list(self.ratio),
+            "hflip": self.hflip,
+            "mean": self.mean.flatten().tolist(),
+            "std": self.std.flatten().tolist(),
+            "seed": self.seed,
+            "plain_view_zero": self.plain_view_zero,
+            "algorithm": 1,  # bump when the sampling code below changes
+        }
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+    # ---------------------------------------------------------------------------------------
+
+    def _base(self, img: torch.Tensor) -> torch.Tensor:
+        """The image at network resolution (cifar/none recipes crop from this)."""
+        if img.shape[-2:] != (self.size, self.size):
+            img = _resize(img, self.size, self.size)
+        return img
+
+    def params(self, sample_id: int, view_id: int, height: int, width: int) -> ViewParams:
+        """Parameters of a view of an image of the given (source) size."""
+        rng = rng_for(self.seed, _VIEW_SALT, sample_id, view_id)
+        flip = bool(self.hflip and rng.random() < 0.5)
+        if self.kind == "cifar":
+            span = 2 * self.pad
+            top, left = (int(v) for v in rng.integers(0, span + 1, size=2))
+            return ViewParams(top, left, self.size, self.size, flip)
+        if self.kind == "imagenet":
+            return _random_resized_crop(rng, height, width, self.scale, self.ratio, flip)
+        return ViewParams(0, 0, self.size, self.size, False)
+
+    def view(self, img: torch.Tensor, sample_id: int, view_id: int) -> torch.Tensor:
+        """Training view `view_id` of sample `sample_id` (uint8 [3,H,W] -> float [3,S,S])."""
+        if self.plain_view_zero and view_id == 0:
+            return self.plain(img)
+        if self.kind == "imagenet":
+            p = self.params(sample_id, view_id, img.shape[-2], img.shape[-1])
+            out = img[:, p.top : p.top + p.height, p.left : p.left + p.width]
+            out = _resize(out, self.size, self.size)
+        else:
+            base = self._base(img)
+            p = self.params(sample_id, view_id, self.size, self.size)
+            if self.kind == "cifar" and self.pad:
+                base = F.pad(base, (self.pad,) * 4)
+            out = base[:, p.top : p.top + p.height, p.left : p.left + p.width]
+        if p.flip:
+            out = out.flip(-1)
+        return self._normalise(out)
+
+    def plain(self, img: torch.Tensor) -> torch.Tensor:
+        """The evaluation view: resize (imagenet: short side to S/0.875, centre crop)."""
+        if self.kind == "imagenet":
+            h, w = img.shape[-2:]
+            short = round(self.size / 0.875)
+            nh, nw = (
+                (short, max(short, round(w * short / h)))
+                if h <= w
+                else (
+                    max(short, round(h * short / w)),
+                    short,
+                )
+            )
+            img = _resize(img, nh, nw)
+            top, left = (nh - self.size) // 2, (nw - self.size) // 2
+            img = img[:, top : top + self.size, left : left + self.size]
+        else:
+            img = self._base(img)
+        return self._normalise(img)
+
+    def _normalise(self, img: torch.Tensor) -> torch.Tensor:
+        return (img.float().div_(255.0) - self.mean) / self.std
+
+
+def _resize(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    out = F.interpolate(
+        img[None].float(), size=(h, w), mode="bilinear", antialias=True, align_corners=False
+    )[0]
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _random_resized_crop(rng, height, width, scale, ratio, flip) -> ViewParams:
+    """torchvision's RandomResizedCrop.get_params, driven by our seeded generator."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return ViewParams(top, left, h, w, flip)
+    in_ratio = width / height  # fallback: the centre crop torchvision takes
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        h, w = height, round(height * max(ratio))
+    else:
+        w, h = width, height
+    return ViewParams((height - h) // 2, (width - w) // 2, h, w, flip)

@@ -1,0 +1,62 @@
+"""Per-stage runtime: the accelerator, the stage directory, the resolved config and a logger.
+
+Created once at the top of a stage; rank-0-only objects (the real logger) are decided here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from common.config import save_config, to_dict
+from common.distributed import build_accelerator, seed_everything
+from common.logging import NullLogger, RunLogger
+
+
+@dataclass
+class StageRuntime:
+    accelerator: Accelerator
+    stage_dir: Path
+    logger: NullLogger
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def close(self) -> None:
+        self.logger.close()
+        self.accelerator.end_training()
+
+
+def open_stage(
+    cfg, stage: str, stage_dir: Path | None = None, wandb_id: str | None = None
+) -> StageRuntime:
+    """Set up processes and the output directory of `stage`; rank 0 writes the config."""
+    acc = build_accelerator(cfg.run)
+    seed_everything(cfg.run.seed, cfg.run.deterministic)
+    stage_dir = Path(stage_dir or Path(cfg.run.out_dir) / stage)
+    logger: NullLogger = NullLogger()
+    if acc.is_main_process:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, stage_dir / "config.yaml")
+        logger = RunLogger(
+            cfg.logging,
+            stage_dir,
+            f"{Path(cfg.run.out_dir).name}/{stage}",
+            to_dict(cfg),
+            run_id=wandb_id or _stored_wandb_id(stage_dir),
+        )
+    acc.wait_for_everyone()
+    return StageRuntime(acc, stage_dir, logger)
+
+
+def _stored_wandb_id(stage_dir: Path) -> str | None:
+    """A restarted stage continues the wandb run of its newest checkpoint."""
+    import json
+
+    ckpts = sorted((stage_dir / "checkpoints").glob("ckpt-*/trainer_state.json"))
+    if not ckpts:
+        return None
+    return json.loads(ckpts[-1].read_text()).get("wandb_id")

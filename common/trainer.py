@@ -1,0 +1,337 @@
+"""The one training loop every stage uses.
+
+Stages differ only by the `Task` they plug in (cross-entropy, knowledge distillation, sparsity
+regularisation): the task turns a batch into named loss terms and may adjust gradients after
+backward. The loop owns the schedule, accumulation, evaluation, checkpoints and logging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from common.checkpoint import CheckpointManager, save_model
+from common.config import LoopConfig, RunConfig
+from common.data import ReplayBatchSampler, Splits, eval_batches, fresh_view_per_epoch, make_loader
+from common.data.loader import ViewChooser
+from common.distributed import synchronise_batchnorm
+from common.logging import NullLogger, write_json
+from common.optim import build_optimizer, lr_at, set_lr
+
+
+class Task(Protocol):
+    """What a stage plugs into the loop."""
+
+    def losses(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """Named loss terms of one micro-batch; `loss` is the one optimised."""
+        ...
+
+    def after_backward(self, model: nn.Module) -> dict[str, float]:
+        """Called once per optimizer step on the unwrapped model, after gradients are
+        complete (all-reduced, unscaled) and before the step: e.g. the L1 subgradient."""
+        ...
+
+    def eval_terms(self, logits: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """Extra test-split sums (e.g. teacher agreement); each is divided by the count."""
+        ...
+
+
+class CrossEntropyTask:
+    """Plain supervised training (teachers, the CE student baseline)."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        self.label_smoothing = label_smoothing
+
+    def losses(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        logits = model(batch["image"])
+        ce = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
+        return {"loss": ce, "ce": ce}
+
+    def after_backward(self, model: nn.Module) -> dict[str, float]:
+        return {}
+
+    def eval_terms(self, logits: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        return {}
+
+
+class Preempted(Exception):
+    """Raised after a checkpoint when the scheduler asked us to stop (SIGUSR2/SIGTERM)."""
+
+
+@dataclass
+class TrainerState:
+    """Counters that, with model and optimizer, make a run resumable exactly."""
+
+    epoch: int = 0  # epoch in progress
+    step: int = 0  # optimizer steps done in total
+    history: list[dict] = field(default_factory=list)  # one entry per evaluated epoch
+    wandb_id: str | None = None
+    elapsed_s: float = 0.0
+    epoch_sums: dict[str, float] = field(default_factory=dict)  # running means of this epoch
+    epoch_steps: int = 0
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        accelerator: Accelerator,
+        run: RunConfig,
+        loop: LoopConfig,
+        model: nn.Module,
+        spec: dict,
+        task: Task,
+        splits: Splits,
+        stage_dir: Path,
+        logger: NullLogger,
+        choose_views: ViewChooser = fresh_view_per_epoch,
+    ):
+        self.acc, self.run, self.loop, self.task = accelerator, run, loop, task
+        self.spec, self.splits, self.stage_dir, self.log = spec, splits, stage_dir, logger
+        self.state = TrainerState()
+        self.ckpt = CheckpointManager(
+            stage_dir / "checkpoints", loop.keep_checkpoints, accelerator.is_main_process
+        )
+        self.sampler = ReplayBatchSampler(
+            len(splits.train),
+            batch_size=loop.batch_size,
+            grad_accum=loop.grad_accum,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            seed=run.seed,
+            choose_views=choose_views,
+        )
+        self.total_steps = loop.epochs * self.sampler.steps_per_epoch
+        if loop.max_steps is not None:
+            self.total_steps = min(self.total_steps, loop.max_steps)
+        if loop.sync_bn:
+            model = synchronise_batchnorm(model, accelerator)
+        optimizer = build_optimizer(model, loop.optim)
+        self._resume(model, optimizer)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self._stop_requested = False
+
+    # -- public -------------------------------------------------------------------------------
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.acc.unwrap_model(self.model)
+
+    def fit(self) -> dict:
+        """Train to the end of the schedule (or until preempted); returns the metrics."""
+        self._install_preemption_handler()
+        start = time.time() - self.state.elapsed_s
+        while self.state.step < self.total_steps:
+            self._train_epoch()
+            if self.state.step % self.sampler.steps_per_epoch == 0 or (
+                self.state.step >= self.total_steps
+            ):
+                self._end_epoch(start)
+        return self._finish(start)
+
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        """Accuracy and loss on the test split, summed over ranks without padding."""
+        model = model or self.unwrapped
+        was_training = model.training
+        model.eval()
+        sums: dict[str, torch.Tensor] = {}
+        batches = eval_batches(
+            len(self.splits.test),
+            self._eval_batch_size(),
+            self.acc.process_index,
+            self.acc.num_processes,
+        )
+        loader = make_loader(self.splits.test, batches, self.run_num_workers())
+        with torch.no_grad():
+            for batch in loader:
+                batch = self._to_device(batch)
+                with self.acc.autocast():
+                    logits = model(batch["image"]).float()
+                terms = {
+                    "correct": (logits.argmax(1) == batch["label"]).sum().float(),
+                    "loss": F.cross_entropy(logits, batch["label"], reduction="sum"),
+                    "count": torch.tensor(float(len(logits)), device=logits.device),
+                    **self.task.eval_terms(logits, batch),
+                }
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float()
+        model.train(was_training)
+        keys = sorted(sums) if sums else ["correct", "loss", "count"]
+        vec = torch.stack(
+            [torch.as_tensor(sums.get(k, 0.0), device=self.acc.device).float() for k in keys]
+        )
+        vec = self.acc.reduce(vec, reduction="sum")
+        total = dict(zip(keys, vec.tolist()))
+        count = max(total.pop("count"), 1.0)
+        out = {"acc": total.pop("correct") / count, "loss": total.pop("loss") / count}
+        out.update({k: v / count for k, v in total.items()})
+        out["num_samples"] = int(count)
+        return out
+
+    # -- phases -------------------------------------------------------------------------------
+
+    def _train_epoch(self) -> None:
+        spe = self.sampler.steps_per_epoch
+        epoch, in_epoch = divmod(self.state.step, spe)
+        self.state.epoch = epoch
+        self.sampler.set_epoch(epoch, start_step=in_epoch)
+        loader = make_loader(self.splits.train, self.sampler, self.run_num_workers())
+        batches = iter(loader)
+        bar = self.log.progress(spe, f"epoch {epoch + 1}/{self.loop.epochs}", initial=in_epoch)
+        try:
+            for _ in range(in_epoch, spe):
+                if self.state.step >= self.total_steps:
+                    break
+                logs = self._train_step(batches)
+                bar.update()
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.3g}")
+                if self.state.step % 10 == 0:
+                    self.log.log({f"train/{k}": v for k, v in logs.items()}, step=self.state.step)
+                every = self.loop.checkpoint_every_steps
+                if every and self.state.step % every == 0 and self.state.step % spe:
+                    self._checkpoint()
+                if self._should_stop():
+                    self._checkpoint()
+                    raise Preempted(f"stopped at step {self.state.step}; checkpoint saved")
+        finally:
+            bar.close()
+
+    def _train_step(self, batches: Iterator) -> dict[str, float]:
+        lr = lr_at(
+            self.state.step,
+            self.loop.epochs * self.sampler.steps_per_epoch,
+            self.sampler.steps_per_epoch,
+            self.loop.optim,
+        )
+        set_lr(self.optimizer, lr)
+        accum = self.loop.grad_accum
+        logs: dict[str, float] = {}
+        for micro in range(accum):
+            batch = self._to_device(next(batches))
+            sync = micro == accum - 1
+            with nullcontext() if sync else self.acc.no_sync(self.model):
+                with self.acc.autocast():
+                    terms = self.task.losses(self.model, batch)
+                self.acc.backward(terms["loss"] / accum)
+            for k, v in terms.items():
+                logs[k] = logs.get(k, 0.0) + float(v.detach()) / accum
+        if self.acc.mixed_precision == "fp16":
+            self.acc.unscale_gradients()
+        logs.update(self.task.after_backward(self.unwrapped))
+        if self.loop.optim.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.loop.optim.clip_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        logs["lr"] = lr
+        sums = self.state.epoch_sums
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + v
+        self.state.epoch_steps += 1
+        return logs
+
+    def _end_epoch(self, start: float) -> None:
+        epoch = (self.state.step - 1) // self.sampler.steps_per_epoch
+        record: dict = {"epoch": epoch + 1, "step": self.state.step}
+        sums, n = self.state.epoch_sums, max(self.state.epoch_steps, 1)
+        keys = sorted(sums)
+        if keys:
+            vec = torch.tensor([sums[k] / n for k in keys], device=self.acc.device)
+            vec = self.acc.reduce(vec, reduction="mean")
+            record.update({f"train_{k}": v for k, v in zip(keys, vec.tolist())})
+        self.state.epoch_sums, self.state.epoch_steps = {}, 0
+        last = self.state.step >= self.total_steps
+        if last or (epoch + 1) % self.loop.eval_every == 0:
+            record.update({f"test_{k}": v for k, v in self.evaluate().items()})
+        record["elapsed_s"] = time.time() - start
+        self.state.history.append(record)
+        self.state.epoch = epoch + 1
+        self.log.log({k.replace("_", "/", 1): v for k, v in record.items()}, step=self.state.step)
+        if "test_acc" in record:
+            self.log.info(
+                f"epoch {epoch + 1}/{self.loop.epochs}: train loss "
+                f"{record.get('train_loss', float('nan')):.4f}, test acc {record['test_acc']:.4f}"
+            )
+        self._checkpoint(elapsed=record["elapsed_s"])
+
+    def _checkpoint(self, elapsed: float | None = None) -> None:
+        if elapsed is not None:
+            self.state.elapsed_s = elapsed
+        self.state.wandb_id = self.log.run_id or self.state.wandb_id
+        self.ckpt.save(
+            self.state.step, self.unwrapped, self.spec, self.optimizer, self.state.__dict__
+        )
+        self.acc.wait_for_everyone()
+
+    def _finish(self, start: float) -> dict:
+        history = self.state.history
+        evaluated = [h for h in history if "test_acc" in h]
+        best = max(evaluated, key=lambda h: h["test_acc"]) if evaluated else None
+        metrics = {
+            "last": evaluated[-1] if evaluated else None,
+            "best": best,
+            "selection_split": "test",
+            "history": history,
+            "steps": self.state.step,
+            "world_size": self.acc.num_processes,
+            "global_batch": self.loop.batch_size,
+            "wall_s": time.time() - start,
+            "model_dir": str(self.stage_dir / "model"),
+        }
+        if self.acc.is_main_process:
+            save_model(self.stage_dir / "model", self.unwrapped, self.spec)
+            write_json(self.stage_dir / "metrics.json", metrics)
+        self.acc.wait_for_everyone()
+        return metrics
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        path = self.ckpt.latest() if self.loop.resume else None
+        if path is None:
+            return
+        blob = CheckpointManager.load(path)
+        model.load_state_dict(blob["model"])
+        optimizer.load_state_dict(blob["optimizer"])
+        torch.set_rng_state(blob["torch_rng"])
+        self.state = TrainerState(**blob["state"])
+        self.log.info(f"resumed from {path} (step {self.state.step}, epoch {self.state.epoch})")
+
+    def _should_stop(self) -> bool:
+        """Every rank must agree to stop at the same step, or the checkpoint barrier hangs:
+        the scheduler may signal only some processes."""
+        flag = torch.tensor([float(self._stop_requested)], device=self.acc.device)
+        if self.acc.num_processes > 1:
+            flag = self.acc.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
+    def _install_preemption_handler(self) -> None:
+        def request_stop(signum, frame):
+            self._stop_requested = True
+
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. a notebook)
+                signal.signal(sig, request_stop)
+
+    def _to_device(self, batch: dict) -> dict:
+        return {
+            k: v.to(self.acc.device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()
+        }
+
+    def _eval_batch_size(self) -> int:
+        return max(1, self.loop.batch_size // self.acc.num_processes)
+
+    def run_num_workers(self) -> int:
+        return self.splits.num_workers
