@@ -19,7 +19,7 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 quickstart: $(STAMP)
-	$(PY) -m launch train --config configs/quickstart.yaml
+	$(PY) -m launch pipeline --config configs/quickstart.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .

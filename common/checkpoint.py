@@ -5,18 +5,29 @@ Two artifacts:
   count, factory kwargs and, for pruned models, the per-layer widths), rebuildable with
   `load_model(dir)` and nothing else: no pickled modules, no original model needed;
 - a *checkpoint*: `ckpt-<step>/` with the model, optimizer state (`torch.save`, read back with
-  `weights_only=True`), RNG state and the trainer's counters as JSON.
+  `weights_only=True`), RNG state and the trainer's counters as JSON. Under DeepSpeed ZeRO the
+  optimizer state is partitioned over ranks: it is written by DeepSpeed's own
+  `engine.save_checkpoint` into `ckpt-<step>/deepspeed/` (one shard per rank, loaded back by
+  `engine.load_checkpoint`, which unpickles: DeepSpeed offers no weights-only path); the
+  safetensors model, RNG state and counters are ours as everywhere else.
 
 We do not use `accelerator.save_state`: accelerate 1.15 reads custom objects and RNG state back
 with `weights_only=False` (arbitrary pickle). Every directory is written under a temporary name
 and renamed when complete, so a job killed mid-write never leaves a checkpoint that looks valid.
+A checkpoint's last file is `manifest.json` (size and SHA-256 of every other file): a directory
+without it is incomplete, and one whose files no longer match it (truncated by a full disk, a
+half-synced copy, a crash of the file system rather than of the job) is skipped on resume with
+a warning, falling back to the next older checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +39,9 @@ from common.models import build_model
 
 MODEL_FILE, SPEC_FILE = "model.safetensors", "model.json"
 _CKPT_PREFIX = "ckpt-"
+MANIFEST_FILE = "manifest.json"
+SHARDED_DIR = "deepspeed"
+"""DeepSpeed engine checkpoint inside a ckpt dir (ZeRO optimizer shards, one file per rank)."""
 
 
 def model_spec(name: str, num_classes: int, kwargs: dict | None = None, widths=None) -> dict:
@@ -93,6 +107,41 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict]:
     return model, spec
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Record size and SHA-256 of every file under `directory`; written last."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    entries = {
+        str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in files
+    }
+    (directory / MANIFEST_FILE).write_text(json.dumps({"files": entries}, indent=1))
+
+
+def verify_manifest(directory: Path) -> str | None:
+    """None when every file listed in the manifest is present and intact, else why not."""
+    try:
+        entries = json.loads((directory / MANIFEST_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"unreadable {MANIFEST_FILE}: {e}"
+    for rel, want in entries.items():
+        p = directory / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != want["size"]:
+            return f"{rel} has {p.stat().st_size} bytes, the manifest says {want['size']}"
+        if _sha256(p) != want["sha256"]:
+            return f"{rel} does not match its SHA-256 in the manifest"
+    return None
+
+
 class CheckpointManager:
     """Keeps the newest `keep` resumable checkpoints of one stage; only rank 0 writes."""
 
@@ -102,32 +151,77 @@ class CheckpointManager:
     def _complete(self) -> list[Path]:
         if not self.root.is_dir():
             return []
+        # Temp dirs start with "." and never match; the manifest is the completion marker.
         found = [
             p
             for p in self.root.iterdir()
-            if p.name.startswith(_CKPT_PREFIX) and (p / "trainer_state.json").is_file()
+            if p.name.startswith(_CKPT_PREFIX)
+            and p.name[len(_CKPT_PREFIX) :].isdigit()
+            and (p / MANIFEST_FILE).is_file()
         ]
         return sorted(found, key=lambda p: int(p.name[len(_CKPT_PREFIX) :]))
 
     def latest(self) -> Path | None:
-        done = self._complete()
-        return done[-1] if done else None
+        """The newest checkpoint whose files match its manifest (corrupt ones are skipped)."""
+        for path in reversed(self._complete()):
+            problem = verify_manifest(path)
+            if problem is None:
+                return path
+            warnings.warn(
+                f"ignoring corrupt checkpoint {path}: {problem}; trying an older one",
+                stacklevel=2,
+            )
+        return None
 
-    def save(self, step: int, model: nn.Module, spec: dict, optimizer, state: dict) -> None:
-        if not self.is_main:
-            return
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        spec: dict,
+        optimizer,
+        state: dict,
+        *,
+        sharded: Callable[[Path], None] | None = None,
+        barrier: Callable[[], None] | None = None,
+    ) -> None:
+        """Rank 0 writes the checkpoint. With `sharded` (DeepSpeed ZeRO, whose optimizer state
+        is partitioned over ranks) EVERY rank must call this: each runs `sharded(dir)` into one
+        shared temp dir (a file system all nodes see), then rank 0 adds the rest, the manifest
+        and renames; `optimizer` is then None (its state lives in the shards)."""
         final = self.root / f"{_CKPT_PREFIX}{step:09d}"
-        tmp = _atomic_dir(final)
+        if sharded is None:
+            if not self.is_main:
+                return
+            tmp = _atomic_dir(final)
+        else:
+            assert barrier is not None, "a sharded checkpoint needs a barrier"
+            tmp = final.with_name(f".{final.name}.tmp-sharded")
+            if self.is_main:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            barrier()
+            sharded(tmp / SHARDED_DIR)
+            barrier()
+            if not self.is_main:
+                return
         write_model_files(tmp, model, spec)
         torch.save(
-            {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
+            {
+                "optimizer": optimizer.state_dict() if optimizer is not None else {},
+                "torch_rng": torch.get_rng_state(),
+            },
             tmp / "optim.pt",
         )
-        # Written last: its presence marks the directory complete even before the rename.
         (tmp / "trainer_state.json").write_text(json.dumps(state))
+        # Written last: its presence marks the directory complete even before the rename.
+        write_manifest(tmp)
         _commit_dir(tmp, final)
         for old in self._complete()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+        # temp dirs of writers that were killed mid-write (other pids)
+        for stale in self.root.glob(f".{_CKPT_PREFIX}*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
     @staticmethod
     def load(path: Path) -> dict[str, Any]:

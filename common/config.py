@@ -138,6 +138,8 @@ class LoopConfig:
     """Optimizer and schedule."""
     eval_every: int = 1
     """Evaluate on the test split every N epochs (and always after the last)."""
+    log_every: int = 10
+    """Log the loss terms every N optimizer steps (wandb and `<stage>/steps.jsonl`)."""
     checkpoint_every_steps: int = 0
     """Also checkpoint every N optimizer steps (0: only at epoch end)."""
     keep_checkpoints: int = 2

@@ -42,6 +42,9 @@ class NullLogger:
     def log_image(self, key: str, path: str | Path, step: int | None = None) -> None:
         pass
 
+    def append_jsonl(self, path: str | Path, record: dict) -> None:
+        pass
+
     def progress(self, total: int, desc: str, initial: int = 0):
         return _NoBar()
 
@@ -103,6 +106,11 @@ class RunLogger(NullLogger):
             import wandb
 
             self._wandb.log({key: wandb.Image(str(path))}, step=step)
+
+    def append_jsonl(self, path: str | Path, record: dict) -> None:
+        """One line per logged step (after a resume, steps since the checkpoint repeat)."""
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def progress(self, total: int, desc: str, initial: int = 0):
         if not self.cfg.progress:

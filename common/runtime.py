@@ -56,7 +56,8 @@ def _stored_wandb_id(stage_dir: Path) -> str | None:
     """A restarted stage continues the wandb run of its newest checkpoint."""
     import json
 
-    ckpts = sorted((stage_dir / "checkpoints").glob("ckpt-*/trainer_state.json"))
+    # complete checkpoints only (the manifest is written last; see common/checkpoint.py)
+    ckpts = sorted((stage_dir / "checkpoints").glob("ckpt-*/manifest.json"))
     if not ckpts:
         return None
-    return json.loads(ckpts[-1].read_text()).get("wandb_id")
+    return json.loads((ckpts[-1].parent / "trainer_state.json").read_text()).get("wandb_id")

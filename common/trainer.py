@@ -19,13 +19,14 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
 
-from common.checkpoint import CheckpointManager, save_model
+from common.checkpoint import SHARDED_DIR, CheckpointManager, save_model
 from common.config import LoopConfig, RunConfig
 from common.data import ReplayBatchSampler, Splits, eval_batches, fresh_view_per_epoch, make_loader
 from common.data.loader import ViewChooser
-from common.distributed import synchronise_batchnorm
+from common.distributed import configure_deepspeed, synchronise_batchnorm
 from common.logging import NullLogger, write_json
 from common.optim import build_optimizer, lr_at, set_lr
 
@@ -39,7 +40,9 @@ class Task(Protocol):
 
     def after_backward(self, model: nn.Module) -> dict[str, float]:
         """Called once per optimizer step on the unwrapped model, after gradients are
-        complete (all-reduced, unscaled) and before the step: e.g. the L1 subgradient."""
+        complete (all-reduced, unscaled) and before the step: e.g. the L1 subgradient.
+        Under DeepSpeed ZeRO gradients are partitioned (`param.grad` is not the full
+        gradient, or None): a task must put penalties into `losses` there instead."""
         ...
 
     def eval_terms(self, logits: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
@@ -115,11 +118,19 @@ class Trainer:
         self.total_steps = loop.epochs * self.sampler.steps_per_epoch
         if loop.max_steps is not None:
             self.total_steps = min(self.total_steps, loop.max_steps)
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        if self.deepspeed:
+            self._configure_deepspeed()
         if loop.sync_bn:
             model = synchronise_batchnorm(model, accelerator)
         optimizer = build_optimizer(model, loop.optim)
-        self._resume(model, optimizer)
+        resumed = self._resume(model, optimizer)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        if resumed is not None and self.deepspeed:
+            # ZeRO optimizer shards (and the same weights) from DeepSpeed's engine checkpoint
+            self.model.load_checkpoint(
+                str(resumed / SHARDED_DIR), tag="engine", load_lr_scheduler_states=False
+            )
         self._stop_requested = False
 
     # -- public -------------------------------------------------------------------------------
@@ -196,8 +207,12 @@ class Trainer:
                 logs = self._train_step(batches)
                 bar.update()
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.3g}")
-                if self.state.step % 10 == 0:
+                if self.state.step % self.loop.log_every == 0:
                     self.log.log({f"train/{k}": v for k, v in logs.items()}, step=self.state.step)
+                    self.log.append_jsonl(
+                        self.stage_dir / "steps.jsonl",
+                        {"step": self.state.step, "time": time.time(), **logs},
+                    )
                 every = self.loop.checkpoint_every_steps
                 if every and self.state.step % every == 0 and self.state.step % spe:
                     self._checkpoint()
@@ -220,19 +235,32 @@ class Trainer:
         for micro in range(accum):
             batch = self._to_device(next(batches))
             sync = micro == accum - 1
-            with nullcontext() if sync else self.acc.no_sync(self.model):
+            if self.deepspeed:
+                # the engine owns accumulation: it divides by its gradient_accumulation_steps
+                # (= grad_accum) and reduces at the boundary we mark
+                self.model.set_gradient_accumulation_boundary(sync)
                 with self.acc.autocast():
                     terms = self.task.losses(self.model, batch)
-                self.acc.backward(terms["loss"] / accum)
+                self.model.backward(terms["loss"])
+            else:
+                with nullcontext() if sync else self.acc.no_sync(self.model):
+                    with self.acc.autocast():
+                        terms = self.task.losses(self.model, batch)
+                    self.acc.backward(terms["loss"] / accum)
             for k, v in terms.items():
                 logs[k] = logs.get(k, 0.0) + float(v.detach()) / accum
-        if self.acc.mixed_precision == "fp16":
+        if self.acc.mixed_precision == "fp16" and not self.deepspeed:
             self.acc.unscale_gradients()
         logs.update(self.task.after_backward(self.unwrapped))
-        if self.loop.optim.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.loop.optim.clip_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.deepspeed:
+            self.model.step()  # clipping (gradient_clipping), optimizer step, zero grad
+        else:
+            if self.loop.optim.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(
+                    self.model.parameters(), self.loop.optim.clip_grad_norm
+                )
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         logs["lr"] = lr
         sums = self.state.epoch_sums
@@ -269,9 +297,20 @@ class Trainer:
         if elapsed is not None:
             self.state.elapsed_s = elapsed
         self.state.wandb_id = self.log.run_id or self.state.wandb_id
-        self.ckpt.save(
-            self.state.step, self.unwrapped, self.spec, self.optimizer, self.state.__dict__
-        )
+        if self.deepspeed:  # every rank writes its ZeRO shard
+            self.ckpt.save(
+                self.state.step,
+                self.unwrapped,
+                self.spec,
+                None,
+                self.state.__dict__,
+                sharded=lambda d: self.model.save_checkpoint(str(d), tag="engine"),
+                barrier=self.acc.wait_for_everyone,
+            )
+        else:
+            self.ckpt.save(
+                self.state.step, self.unwrapped, self.spec, self.optimizer, self.state.__dict__
+            )
         self.acc.wait_for_everyone()
 
     def _finish(self, start: float) -> dict:
@@ -297,16 +336,40 @@ class Trainer:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def _resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Path | None:
         path = self.ckpt.latest() if self.loop.resume else None
         if path is None:
-            return
+            return None
         blob = CheckpointManager.load(path)
         model.load_state_dict(blob["model"])
-        optimizer.load_state_dict(blob["optimizer"])
+        if self.deepspeed != (path / SHARDED_DIR).is_dir():
+            raise ValueError(
+                f"{path} was written {'with' if not self.deepspeed else 'without'} DeepSpeed; "
+                f"resume it with the same launcher (or set train.loop.resume=false)"
+            )
+        if not self.deepspeed:  # DeepSpeed: its engine loads the shards after prepare
+            optimizer.load_state_dict(blob["optimizer"])
         torch.set_rng_state(blob["torch_rng"])
         self.state = TrainerState(**blob["state"])
         self.log.info(f"resumed from {path} (step {self.state.step}, epoch {self.state.epoch})")
+        return path
+
+    def _configure_deepspeed(self) -> None:
+        """DeepSpeed needs our batch split in its config (no dataloader goes to `prepare`),
+        and gradient edits after backward do not reach a ZeRO step."""
+        if getattr(self.task, "penalty_in_loss", True) is False:
+            raise ValueError(
+                "under DeepSpeed the L1 subgradient cannot be added after backward (ZeRO "
+                "partitions the gradients): set sparsity.penalty_in_loss=true"
+            )
+        procs, accum = self.acc.num_processes, self.loop.grad_accum
+        configure_deepspeed(
+            self.acc,
+            micro_batch=self.loop.batch_size // (procs * accum),
+            grad_accum=accum,
+            global_batch=self.loop.batch_size,
+            clip_grad_norm=self.loop.optim.clip_grad_norm,
+        )
 
     def _should_stop(self) -> bool:
         """Every rank must agree to stop at the same step, or the checkpoint barrier hangs:

@@ -12,9 +12,17 @@ import sys
 
 STAGES = {
     "train": "supervised training of a registered model (teachers, CE baselines)",
+    "sparsity": "network slimming: train with L1 on every BatchNorm scale",
+    "prune": "network slimming: global |gamma| threshold, remove coupled channels, shrink",
+    "finetune": "fine-tune a pruned model (optional live KD, or the scratch-B baseline)",
+    "cache": "write the teacher ensemble's soft targets for V views of every sample",
+    "verify-cache": "check a cache: completeness, checksums, re-scored spot check",
+    "distill": "train the student on cached (or live) soft targets, or labels (mode=ce)",
+    "pipeline": "the whole run: teachers, cache, students, slimming, export, report",
+    "report": "collect every stage's results into <out_dir>/report.json and report.md",
 }
 
-EXIT_USAGE, EXIT_PREEMPTED = 2, 75
+EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 1, 2, 75
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -51,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from common.config import ConfigError, load_config
     from common.data import DataError
     from common.trainer import Preempted
+    from distill.cache import CacheError
     from launch.config import Config
 
     try:
@@ -60,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except CacheError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except Preempted as e:
         print(f"preempted: {e}; run the same command again to resume", file=sys.stderr)
         return EXIT_PREEMPTED

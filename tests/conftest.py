@@ -11,12 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Tests share 2 cores with the subprocesses they start: one thread each avoids oversubscription
+# (10-20x slowdowns were measured with the default under load).
+torch.set_num_threads(1)
 
 
 def free_port() -> int:

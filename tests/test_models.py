@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from common.config import ConfigError
 from common.models import (
     apply_widths,
     build_model,
@@ -240,8 +241,10 @@ def test_register_model(monkeypatch: pytest.MonkeyPatch) -> None:
         register_model("toy_linear")(lambda num_classes: nn.Identity())
     with pytest.raises(ValueError, match="reserved"):
         register_model("tv_toy")
-    with pytest.raises(TypeError):
+    with pytest.raises(ConfigError, match="no_such_option.*kwargs are: \\(none\\)"):
         build_model("cifar_resnet20", 10, no_such_option=1)
+    with pytest.raises(ConfigError, match="kwargs are: cfg"):
+        build_model("cifar_vgg11", 10, width=3)
 
 
 # --- weights ------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from common.config import ConfigError
+
 from .widths import apply_widths
 
 __all__ = ["TV_PREFIX", "build_model", "list_models", "load_weights", "register_model"]
@@ -67,9 +69,9 @@ def _suggest(name: str, candidates: list[str]) -> str:
     return f"did you mean {', '.join(map(repr, close))}?" if close else "no close match."
 
 
-def _unknown_model(name: str) -> ValueError:
+def _unknown_model(name: str) -> ConfigError:
     names = list_models()
-    return ValueError(
+    return ConfigError(
         f"Unknown model {name!r}: {_suggest(name, names)} Registered models: {', '.join(names)}. "
         f"Any torchvision model can be built as '{TV_PREFIX}<torchvision name>' "
         f"(e.g. '{TV_PREFIX}resnet18'; see torchvision.models.list_models())."
@@ -122,7 +124,13 @@ def build_model(
         factory = _MODELS.get(name)
         if factory is None:
             raise _unknown_model(name)
-        model = factory(num_classes, **kwargs)
+        try:
+            model = factory(num_classes, **kwargs)
+        except TypeError as e:  # a misspelt or foreign factory argument in model.kwargs
+            params = [p for p in inspect.signature(factory).parameters if p != "num_classes"]
+            raise ConfigError(
+                f"model {name!r}: {e}; its kwargs are: {', '.join(params) or '(none)'}"
+            ) from None
     if widths is not None:
         apply_widths(model, widths)
     if weights is not None:

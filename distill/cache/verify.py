@@ -1,0 +1,108 @@
+"""Prove a cache is complete, intact and still what the teachers say.
+
+Three independent checks: every (sample_id, view_id) appears exactly once at its row; every
+shard file matches the checksum recorded when it was written; and K random rows, re-scored by
+the teachers on freshly replayed views, agree with the stored targets (top-1 and values within
+float16 rounding). The last one catches what checksums cannot: a cache made from other pixels.
+"""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import torch
+
+from common.data import ViewDataset
+from distill.cache.layout import CacheError, row_keys, shard_name
+from distill.cache.reader import LogitCache
+from distill.teachers import Ensemble, file_sha256
+
+FP16_RTOL, FP16_ATOL = 2e-3, 2e-3  # float16 keeps 11 significant bits (relative step 9.8e-4)
+
+
+def check_files_and_keys(cache: LogitCache) -> int:
+    """Checksums and key completeness of every shard; returns the number of rows checked."""
+    m = cache.manifest
+    problems = []
+    for i, rec in enumerate(m["shards"]):
+        path = cache.root / shard_name(i, m["num_shards"])
+        for f, meta in rec["files"].items():
+            if not (path / f).is_file():
+                problems.append(f"{path / f}: missing")
+            elif file_sha256(path / f) != meta["sha256"]:
+                problems.append(f"{path / f}: checksum mismatch (corrupt or truncated)")
+        if problems:
+            continue
+        try:
+            ds = datasets.load_from_disk(str(path)).with_format("arrow")
+            sid = ds.data.column("sample_id").to_numpy()
+            vid = ds.data.column("view_id").to_numpy()
+        except Exception as e:  # any Arrow failure here means a damaged shard
+            problems.append(f"{path}: unreadable ({e})")
+            continue
+        want_s, want_v = row_keys(*rec["rows"], cache.views)
+        if not (np.array_equal(sid, want_s) and np.array_equal(vid, want_v)):
+            problems.append(f"{path}: (sample_id, view_id) rows missing, repeated or misplaced")
+    covered = sum(r["num_rows"] for r in m["shards"])
+    if covered != m["num_rows"] or m["num_rows"] != m["dataset"]["num_samples"] * cache.views:
+        problems.append(
+            f"shards cover {covered} rows; expected "
+            f"{m['dataset']['num_samples']} samples x {cache.views} views"
+        )
+    if problems:
+        raise CacheError("cache verification failed:\n  " + "\n  ".join(problems))
+    return covered
+
+
+def spot_check(
+    cache: LogitCache,
+    dataset: ViewDataset,
+    ensemble: Ensemble,
+    k: int,
+    seed: int,
+    device: torch.device,
+) -> dict:
+    """Re-score `k` random rows and compare with the stored targets."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(cache.num_rows, size=min(k, cache.num_rows), replace=False))
+    sids, vids = rows // cache.views, rows % cache.views
+    stored = cache.rows(sids, vids)
+    images = torch.stack([dataset[(int(s), int(v))]["image"] for s, v in zip(sids, vids)])
+    with torch.inference_mode():
+        fresh, _ = ensemble(images.to(device))
+    fresh = fresh.float().cpu()
+    if cache.storage == "full":
+        ref_vals, stored_vals = fresh, stored["logits"]
+        stored_top1 = stored_vals.argmax(-1)
+    else:
+        idx = stored["topk_idx"]
+        ref_vals, stored_vals = fresh.gather(1, idx), stored["topk_val"]
+        stored_top1 = idx[:, 0]
+    err = (ref_vals - stored_vals).abs()
+    tol = FP16_ATOL + FP16_RTOL * ref_vals.abs()
+    # A near-tie can flip the arg-max under float16 rounding: the stored top-1 must then be
+    # within tolerance of the fresh maximum.
+    fresh_top = fresh.max(-1).values
+    at_stored = fresh.gather(1, stored_top1[:, None])[:, 0]
+    top1_ok = (stored_top1 == fresh.argmax(-1)) | (
+        (fresh_top - at_stored) <= FP16_ATOL + FP16_RTOL * fresh_top.abs()
+    )
+    report = {
+        "rows_checked": len(rows),
+        "top1_agreement": float((stored_top1 == fresh.argmax(-1)).float().mean()),
+        "max_abs_diff": float(err.max()),
+        "within_fp16_tolerance": bool((err <= tol).all()),
+    }
+    if cache.storage == "topk":
+        lse_err = (stored["lse"] - torch.logsumexp(fresh, -1)).abs().max()
+        report["max_lse_diff"] = float(lse_err)
+        report["within_fp16_tolerance"] &= bool(lse_err <= 1e-4 + 1e-5 * fresh.abs().max())
+    if not (report["within_fp16_tolerance"] and bool(top1_ok.all())):
+        bad = int((~(err <= tol).all(-1) | ~top1_ok).sum())
+        raise CacheError(
+            f"spot check failed: {bad} of {len(rows)} re-scored rows disagree with the cache "
+            f"(max |diff| {report['max_abs_diff']:.4g}, top-1 agreement "
+            f"{report['top1_agreement']:.2%}); the cache was not made from these views or "
+            f"teachers: rebuild it"
+        )
+    return report

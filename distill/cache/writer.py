@@ -1,0 +1,263 @@
+"""Score the teacher ensemble on every (sample, view) and write the soft targets to shards.
+
+Each process (or SLURM array task) owns whole shards and writes them in parts under temporary
+names; a part is renamed into place only when complete, so a killed job resumes at the first
+missing part and never mistakes a half-written file for data. Padding rows a distributed
+sampler would add never exist here: the row ranges are exact.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import torch
+
+from common.data import ViewDataset, make_loader
+from common.logging import NullLogger, write_json
+from distill.cache.layout import (
+    CACHE_FORMAT,
+    MANIFEST_FILE,
+    SPEC_FILE,
+    CacheError,
+    ShardPlan,
+    describe_mismatch,
+    index_dtype,
+    read_json,
+    row_keys,
+    shard_name,
+)
+from distill.teachers import Ensemble, file_sha256
+
+datasets.disable_progress_bars()
+
+
+def build_spec(*, dataset: ViewDataset, ensemble: Ensemble, cfg, seed: int) -> dict:
+    """Everything that decides the cache's contents; a consumer must match all of it."""
+    c = cfg.cache
+    num_classes = dataset.source.num_classes
+    return {
+        "format": CACHE_FORMAT,
+        "dataset": dataset.source.fingerprint(),
+        "views": {
+            "count": c.views,
+            "plain_first": c.plain_first,
+            "recipe_sha256": dataset.recipe.fingerprint(),
+            "seed": seed,
+        },
+        "teachers": ensemble.identities,
+        "ensemble": c.ensemble,
+        "storage": {
+            "mode": c.storage,
+            "k": min(c.topk, num_classes) if c.storage == "topk" else None,
+            "index_dtype": index_dtype(num_classes) if c.storage == "topk" else None,
+            "per_teacher": c.per_teacher,
+        },
+        "num_classes": num_classes,
+        "layout": {"batch_size": c.batch_size, "rows_per_part": c.rows_per_part},
+    }
+
+
+def claim_spec(root: Path, spec: dict) -> None:
+    """Write spec.json, or check that an existing cache was started with the same spec."""
+    path = root / SPEC_FILE
+    if path.is_file():
+        diffs = describe_mismatch(read_json(path), spec)
+        if diffs:
+            raise CacheError(
+                f"{root} holds a cache made with another configuration:\n  "
+                + "\n  ".join(diffs)
+                + f"\nUse another cache.dir, or delete {root} to rebuild it."
+            )
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(path, spec)
+
+
+class ShardWriter:
+    def __init__(
+        self,
+        *,
+        root: Path,
+        spec: dict,
+        dataset: ViewDataset,
+        ensemble: Ensemble,
+        plan: ShardPlan,
+        views: int,
+        device: torch.device,
+        autocast,
+        num_workers: int,
+        rows_per_part: int,
+        logger: NullLogger,
+    ):
+        self.root, self.spec, self.dataset, self.ensemble = root, spec, dataset, ensemble
+        self.plan, self.views, self.device, self.autocast = plan, views, device, autocast
+        self.num_workers, self.log = num_workers, logger
+        self.part_rows = max(plan.batch_size, rows_per_part // plan.batch_size * plan.batch_size)
+        self.storage = spec["storage"]
+
+    # -- one shard ------------------------------------------------------------------------------
+
+    def write(self, index: int) -> dict:
+        """Write shard `index` (resuming from complete parts); returns its record."""
+        name = shard_name(index, self.plan.num_shards)
+        record_path = self.root / f"{name}.json"
+        if record_path.is_file():
+            return read_json(record_path)
+        lo, hi = self.plan.rows(index)
+        parts_dir = self.root / "parts" / name
+        starts = list(range(lo, hi, self.part_rows))
+        bar = self.log.progress(hi - lo, f"cache {name}")
+        stats: list[dict] = []
+        for p, start in enumerate(starts):
+            part = parts_dir / f"part-{p:05d}"
+            end = min(start + self.part_rows, hi)
+            if not (part / "stats.json").is_file():
+                self._write_part(part, start, end, bar)
+            else:
+                bar.update(end - start)
+            stats.append(read_json(part / "stats.json"))
+        bar.close()
+        return self._finalise(
+            index, name, lo, hi, [parts_dir / f"part-{p:05d}" for p in range(len(starts))], stats
+        )
+
+    def _write_part(self, part: Path, start: int, end: int, bar) -> None:
+        sample_ids, view_ids = row_keys(start, end, self.views)
+        keys = list(zip(sample_ids.tolist(), view_ids.tolist()))
+        bs = self.plan.batch_size
+        batches = [keys[i : i + bs] for i in range(0, len(keys), bs)]
+        columns: dict[str, list[np.ndarray]] = {}
+        counts = np.zeros(len(self.ensemble.teachers) + 2, dtype=np.int64)
+        with torch.inference_mode():
+            for batch in make_loader(self.dataset, batches, self.num_workers):
+                images = batch["image"].to(self.device, non_blocking=True)
+                with self.autocast():
+                    target, per = self.ensemble(images)
+                target, per = target.float().cpu(), per.float().cpu()
+                labels = batch["label"]
+                counts[:-2] += (per.argmax(-1) == labels).sum(1).numpy()
+                counts[-2] += int((target.argmax(-1) == labels).sum())
+                counts[-1] += len(labels)
+                for k, v in self._encode(batch, target, per).items():
+                    columns.setdefault(k, []).append(v)
+                bar.update(len(labels))
+        table = pa.table({k: pa.concat_arrays(v) for k, v in columns.items()})
+        tmp = part.with_name(f".{part.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        datasets.Dataset(table).save_to_disk(str(tmp))
+        n = len(self.ensemble.teachers)
+        write_json(
+            tmp / "stats.json",
+            {
+                "rows": end - start,
+                "teacher_correct": counts[:n].tolist(),
+                "ensemble_correct": int(counts[n]),
+                "count": int(counts[n + 1]),
+            },
+        )
+        part.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, part)
+
+    def _encode(self, batch: dict, target: torch.Tensor, per: torch.Tensor) -> dict:
+        cols = {
+            "sample_id": pa.array(batch["sample_id"].numpy().astype(np.int64)),
+            "view_id": pa.array(batch["view_id"].numpy().astype(np.int32)),
+            "label": pa.array(batch["label"].numpy().astype(np.int64)),
+        }
+        if self.storage["mode"] == "full":
+            cols["logits"] = _fixed_list(target.numpy().astype(np.float16), pa.float16())
+        else:
+            k = self.storage["k"]
+            vals, idx = target.topk(k, dim=-1)
+            cols["topk_idx"] = _fixed_list(
+                idx.numpy().astype(self.storage["index_dtype"]),
+                pa.from_numpy_dtype(np.dtype(self.storage["index_dtype"])),
+            )
+            cols["topk_val"] = _fixed_list(vals.numpy().astype(np.float16), pa.float16())
+            cols["lse"] = pa.array(torch.logsumexp(target, -1).numpy().astype(np.float32))
+        if self.storage["per_teacher"]:
+            for t in range(per.shape[0]):
+                cols[f"t{t}_logits"] = _fixed_list(per[t].numpy().astype(np.float16), pa.float16())
+        return cols
+
+    def _finalise(self, index, name, lo, hi, parts: list[Path], stats: list[dict]) -> dict:
+        final = self.root / name
+        tmp = self.root / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)  # a previous finalise killed before its record
+        merged = datasets.concatenate_datasets([datasets.load_from_disk(str(p)) for p in parts])
+        merged.save_to_disk(str(tmp))
+        os.replace(tmp, final)
+        files = sorted(p.name for p in final.glob("*.arrow"))
+        n = len(self.ensemble.teachers)
+        record = {
+            "name": name,
+            "index": index,
+            "rows": [lo, hi],
+            "num_rows": hi - lo,
+            "files": {
+                f: {"sha256": file_sha256(final / f), "bytes": (final / f).stat().st_size}
+                for f in files
+            },
+            "teacher_correct": [sum(s["teacher_correct"][t] for s in stats) for t in range(n)],
+            "ensemble_correct": sum(s["ensemble_correct"] for s in stats),
+            "count": sum(s["count"] for s in stats),
+        }
+        write_json(self.root / f"{name}.json", record)  # the completion marker, written last
+        shutil.rmtree(self.root / "parts" / name, ignore_errors=True)
+        return record
+
+
+def try_write_manifest(root: Path, plan: ShardPlan) -> dict | None:
+    """Once every shard has its record, write the manifest (idempotent: any process that sees
+    the last shard finish may do it, with identical content)."""
+    records = []
+    for i in range(plan.num_shards):
+        path = root / f"{shard_name(i, plan.num_shards)}.json"
+        if not path.is_file():
+            return None
+        records.append(read_json(path))
+    spec = read_json(root / SPEC_FILE)
+    count = sum(r["count"] for r in records)
+    teachers = []
+    for t, ident in enumerate(spec["teachers"]):
+        correct = sum(r["teacher_correct"][t] for r in records)
+        teachers.append({**ident, "acc_on_cached_views": correct / max(count, 1)})
+    manifest = {
+        **spec,
+        "teachers": teachers,
+        "ensemble_acc_on_cached_views": sum(r["ensemble_correct"] for r in records) / max(count, 1),
+        "num_rows": plan.num_rows,
+        "num_shards": plan.num_shards,
+        "shards": records,
+        "bytes": sum(f["bytes"] for r in records for f in r["files"].values()),
+        "code_version": code_version(),
+    }
+    write_json(root / MANIFEST_FILE, manifest)
+    shutil.rmtree(root / "parts", ignore_errors=True)
+    return manifest
+
+
+def code_version() -> str:
+    here = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        rev = out.stdout.strip() if out.returncode == 0 else "unknown"
+    except OSError:
+        rev = "unknown"
+    return f"kdslim-0.1.0+{rev}"
+
+
+def _fixed_list(arr: np.ndarray, typ: pa.DataType) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1), typ), arr.shape[1])

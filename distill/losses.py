@@ -1,0 +1,79 @@
+"""Knowledge-distillation losses (Hinton et al. 2015), computed in float32.
+
+KL uses `batchmean` reduction: the sum over classes, averaged over the batch, which is the
+actual KL divergence. `nn.KLDivLoss()`'s default element mean also divides by the class count
+and silently shrinks the KD term (haitongli/knowledge-distillation-pytorch issues #2, #48, where
+it forced T=6, alpha=0.95 to compensate). The T^2 factor keeps the soft-target gradients on the
+same scale as the hard-label ones when T changes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float()
+
+
+def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)), summed over classes, mean over the batch."""
+    with torch.autocast(student_logits.device.type, enabled=False):
+        s = F.log_softmax(_fp32(student_logits) / T, dim=-1)
+        t = F.log_softmax(_fp32(teacher_logits) / T, dim=-1)
+        return F.kl_div(s, t, reduction="batchmean", log_target=True)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    T: float,
+    alpha: float,
+) -> torch.Tensor:
+    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, labels)."""
+    with torch.autocast(student_logits.device.type, enabled=False):
+        ce = F.cross_entropy(_fp32(student_logits), labels)
+        if alpha == 0:
+            return ce
+        return alpha * T * T * soft_kl(student_logits, teacher_logits, T) + (1 - alpha) * ce
+
+
+def topk_to_logits(
+    topk_idx: torch.Tensor, topk_val: torch.Tensor, lse: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """Dense teacher logits [B, C] from a top-k cache row.
+
+    Tail policy ("uniform", FKD's marginal smoothing): the probability mass the k stored classes
+    leave, 1 - sum_k exp(v_k - lse), is spread evenly over the C - k others. At T = 1 the
+    result's softmax equals the full teacher softmax on the kept classes exactly and has the
+    right total tail mass; at other temperatures it is the temperature applied to that
+    reconstruction (the tail's internal shape is unknown, so it stays flat).
+    """
+    vals = topk_val.float()
+    lse = lse.float()[:, None]
+    k = vals.shape[1]
+    out = torch.empty(vals.shape[0], num_classes, dtype=torch.float32, device=vals.device)
+    if k < num_classes:
+        kept = torch.exp(vals - lse).sum(1, keepdim=True).clamp(max=1.0)
+        tail = (1.0 - kept).clamp(min=1e-12)
+        out.copy_((torch.log(tail) - math.log(num_classes - k) + lse).expand_as(out))
+    out.scatter_(1, topk_idx.long(), vals)
+    return out
+
+
+def kd_loss_topk(
+    student_logits: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_val: torch.Tensor,
+    lse: torch.Tensor,
+    labels: torch.Tensor,
+    T: float,
+    alpha: float,
+) -> torch.Tensor:
+    """`kd_loss` against a top-k cache row (see `topk_to_logits` for the tail policy)."""
+    teacher = topk_to_logits(topk_idx, topk_val, lse, student_logits.shape[-1])
+    return kd_loss(student_logits, teacher, labels, T, alpha)

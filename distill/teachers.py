@@ -1,0 +1,81 @@
+"""The teacher ensemble: frozen models in eval mode, combined into one soft target.
+
+Teachers are plain modules, never wrapped for data parallelism (they have no gradients to
+synchronise; wrapping them only costs memory and a broadcast). The same `Ensemble` serves the
+offline cache writer, the cache verifier and online distillation, so the three cannot drift.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common.checkpoint import MODEL_FILE, load_model, model_spec
+from common.models import build_model
+from distill.config import TeacherConfig
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def combine(logits: torch.Tensor, mode: str) -> torch.Tensor:
+    """Ensemble target as logits from per-teacher logits [T, B, C].
+
+    probs: log of the mean probability (MEAL V2 averages in probability space); a valid logit
+    vector whose softmax is the mean of the teachers' softmaxes. logits: the mean logit.
+    """
+    logits = logits.float()
+    if mode == "logits" or logits.shape[0] == 1:
+        return logits.mean(0)
+    return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(logits.shape[0])
+
+
+class Ensemble(nn.Module):
+    def __init__(self, teachers: list[nn.Module], identities: list[dict], mode: str):
+        super().__init__()
+        self.teachers = nn.ModuleList(teachers)
+        self.identities = identities  # for manifests: architecture and weights checksum
+        self.mode = mode
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> Ensemble:
+        return super().train(False)  # always eval: BN running stats, no dropout
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target logits [B, C] float32, per-teacher logits [T, B, C] float32)."""
+        per = torch.stack([t(images).float() for t in self.teachers])
+        return combine(per, self.mode), per
+
+
+def load_teacher(cfg: TeacherConfig, num_classes: int) -> tuple[nn.Module, dict]:
+    if cfg.path is not None:
+        model, spec = load_model(cfg.path)
+        weights = Path(cfg.path) / MODEL_FILE
+    else:
+        model = build_model(cfg.model, num_classes, weights=cfg.weights, **cfg.kwargs)
+        spec = model_spec(cfg.model, num_classes, cfg.kwargs)
+        weights = cfg.weights
+    if spec["num_classes"] != num_classes:
+        raise ValueError(
+            f"teacher {cfg.path or cfg.model} predicts {spec['num_classes']} classes but the "
+            f"dataset has {num_classes}"
+        )
+    identity = {"spec": spec, "weights_sha256": file_sha256(weights) if weights else None}
+    return model, identity
+
+
+def build_ensemble(cfgs: list[TeacherConfig], num_classes: int, mode: str) -> Ensemble:
+    if not cfgs:
+        raise ValueError("no teachers configured: set cache.teachers (a list of model dirs)")
+    loaded = [load_teacher(c, num_classes) for c in cfgs]
+    return Ensemble([m for m, _ in loaded], [i for _, i in loaded], mode)

@@ -1,0 +1,138 @@
+"""Export the final student for deployment: safetensors + spec, TorchScript and ONNX.
+
+Every format is loaded back and run on the same random batch as the PyTorch model; the
+largest absolute output difference must stay within `pipeline.export_atol`. Files are written
+into a temporary directory and renamed to `<run.out_dir>/export/` when all are done, with the
+check results in `export.json` (written last).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from common.checkpoint import MODEL_FILE, SPEC_FILE, load_model
+from common.config import save_config
+from common.data import build_splits
+from common.logging import write_json
+
+
+def input_spec(cfg) -> tuple[tuple[int, int, int], dict]:
+    """(C, H, W) of the network input and the preprocessing the exported graph expects."""
+    test = build_splits(cfg.data, cfg.run.seed).test
+    r = test.recipe
+    pre = {
+        "image_size": r.size,
+        "scale": "RGB uint8 / 255, then (x - mean) / std per channel",
+        "mean": r.mean.flatten().tolist(),
+        "std": r.std.flatten().tolist(),
+    }
+    return tuple(test[(0, -1)]["image"].shape), pre
+
+
+def export_student(cfg, model_dir: Path, out: Path) -> dict:
+    p = cfg.pipeline
+    model, spec = load_model(model_dir)
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    shape, preprocess = input_spec(cfg)
+    x = torch.randn(p.export_batch, *shape, generator=gen)  # [B, C, H, W]
+    x_other = torch.randn(p.export_batch + 3, *x.shape[1:], generator=gen)  # another batch size
+    with torch.inference_mode():
+        ref, ref_other = model(x), model(x_other)
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "model").mkdir(parents=True)
+    for f in (MODEL_FILE, SPEC_FILE):
+        shutil.copy2(model_dir / f, tmp / "model" / f)
+    save_config(cfg, tmp / "config.yaml")  # what the pipeline's completion check compares
+    checks = {"safetensors": _check(load_model(tmp / "model")[0].eval(), x, ref, p.export_atol)}
+
+    with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export,
+        warnings.simplefilter("ignore", FutureWarning)  # but remains the portable C++ format
+        traced = torch.jit.trace(model, x)
+        torch.jit.save(traced, str(tmp / "model.torchscript.pt"))
+        loaded = torch.jit.load(str(tmp / "model.torchscript.pt"))
+    checks["torchscript"] = _check(loaded, x, ref, p.export_atol)
+
+    checks["onnx"] = _export_onnx(model, x, tmp / "model.onnx", p.onnx_opset)
+    if checks["onnx"]["runtime"] == "onnxruntime":
+        sess = _ort_session(tmp / "model.onnx")
+        for name, (inp, want) in {"": (x, ref), "_other_batch": (x_other, ref_other)}.items():
+            got = torch.from_numpy(sess.run(None, {"image": inp.numpy()})[0])
+            checks["onnx"][f"max_abs_diff{name}"] = float((got - want).abs().max())
+        checks["onnx"]["ok"] = all(
+            v <= p.export_atol for k, v in checks["onnx"].items() if k.startswith("max_abs_diff")
+        )
+
+    result = {
+        "source": str(model_dir),
+        "spec": spec,
+        "input_shape": [p.export_batch, *x.shape[1:]],
+        "preprocess": preprocess,
+        "atol": p.export_atol,
+        "files": {
+            "safetensors": "model/model.safetensors",
+            "spec": "model/model.json",
+            "torchscript": "model.torchscript.pt",
+            "onnx": "model.onnx",
+        },
+        "checks": checks,
+        "ok": all(c["ok"] for c in checks.values()),
+    }
+    write_json(tmp / "export.json", result)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    if not result["ok"]:
+        raise RuntimeError(f"export check failed: {json.dumps(checks)} (see {out}/export.json)")
+    return result
+
+
+def _check(module, x: torch.Tensor, ref: torch.Tensor, atol: float) -> dict:
+    with torch.inference_mode():
+        diff = float((module(x) - ref).abs().max())
+    return {"max_abs_diff": diff, "ok": diff <= atol}
+
+
+def _export_onnx(model, x: torch.Tensor, path: Path, opset: int) -> dict:
+    """The TorchScript-based exporter (`dynamo=False`): the torch.export-based default needs
+    the `onnxscript` package, which is not a dependency. Batch size is a dynamic axis."""
+    import onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (x,),
+            str(path),
+            opset_version=opset,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            dynamo=False,
+        )
+    onnx.checker.check_model(onnx.load(str(path)))
+    if importlib.util.find_spec("onnxruntime") is None:
+        return {
+            "opset": opset,
+            "runtime": None,
+            "ok": True,
+            "note": "onnxruntime not installed: only onnx.checker ran",
+        }
+    return {"opset": opset, "runtime": "onnxruntime", "ok": False}
+
+
+def _ort_session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -1,0 +1,261 @@
+"""The offline logit cache on real `datasets` shards: distributed equality, resume, refusal of
+mismatches, corruption detection, top-k storage and third-party readability."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from common.checkpoint import model_spec, save_model
+from common.config import load_config
+from common.models import build_model
+from distill.cache import CacheError, LogitCache, consumer_expectation
+from distill.cache.setup import cached_splits
+from launch.config import Config
+from tests.conftest import PY, ROOT, cli_env, run_cli
+
+DATA = [
+    "data.image_size=8",
+    "data.pad=1",
+    "data.hflip=false",
+    "data.train_subset=150",
+    "logging.progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory) -> list[str]:
+    """Two small teachers with fixed random weights (the cache cares about consistency, not
+    accuracy), saved as `train` would save them."""
+    root = tmp_path_factory.mktemp("teachers")
+    paths = []
+    for i, name in enumerate(["cifar_resnet20", "cifar_resnet20"]):
+        torch.manual_seed(i)
+        model = build_model(name, 10)
+        paths.append(str(save_model(root / f"t{i}", model.eval(), model_spec(name, 10))))
+    return paths
+
+
+def cache_args(out: Path, teachers: list[str], *extra: str) -> list[str]:
+    tlist = "[" + ",".join(f"{{path: {p}}}" for p in teachers) + "]"
+    return [
+        "--config",
+        str(ROOT / "configs/quickstart.yaml"),
+        f"run.out_dir={out}",
+        *DATA,
+        f"cache.teachers={tlist}",
+        "cache.views=3",
+        "cache.batch_size=32",
+        "cache.rows_per_part=64",
+        "cache.per_teacher=true",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, teachers) -> Path:
+    """One single-process cache that the other runs are compared with (read-only)."""
+    out = tmp_path_factory.mktemp("reference")
+    run_cli("cache", *cache_args(out, teachers))
+    return out / "cache"
+
+
+def copy_of(reference: Path, tmp_path: Path) -> Path:
+    shutil.copytree(reference, tmp_path / "cache")
+    return tmp_path
+
+
+def all_rows(root: Path) -> dict[str, np.ndarray]:
+    m = LogitCache(root).manifest
+    shards = [datasets.load_from_disk(str(root / r["name"])) for r in m["shards"]]
+    table = datasets.concatenate_datasets(shards).with_format("arrow")[:]
+    out = {}
+    for name in table.column_names:  # through Arrow: numpy/torch formatters upcast float16
+        col = table.column(name).combine_chunks()
+        if pa.types.is_fixed_size_list(col.type):
+            out[name] = col.flatten().to_numpy().reshape(len(col), col.type.list_size)
+        else:
+            out[name] = col.to_numpy()
+    return out
+
+
+def assert_same_rows(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_two_processes_write_exactly_the_rows_of_one(tmp_path, teachers, reference):
+    run_cli("cache", *cache_args(tmp_path / "two", teachers), processes=2)
+    one, two = all_rows(reference), all_rows(tmp_path / "two/cache")
+    assert_same_rows(one, two)
+    assert len(one["sample_id"]) == 150 * 3  # no sampler padding, every pair once
+    keys = set(zip(one["sample_id"].tolist(), one["view_id"].tolist()))
+    assert keys == {(s, v) for s in range(150) for v in range(3)}
+    assert one["logits"].dtype == np.float16 and one["logits"].shape == (450, 10)
+    m = LogitCache(tmp_path / "two/cache").manifest
+    assert m["num_shards"] == 2 and len(m["teachers"]) == 2
+    assert all(0 <= t["acc_on_cached_views"] <= 1 for t in m["teachers"])
+    # The stored target is the ensemble: log of the mean of the teachers' probabilities.
+    per = np.stack([one["t0_logits"], one["t1_logits"]]).astype(np.float32)
+    mean_p = torch.softmax(torch.from_numpy(per), -1).mean(0)
+    torch.testing.assert_close(
+        torch.softmax(torch.tensor(one["logits"]).float(), -1), mean_p, atol=3e-3, rtol=0
+    )
+
+    verify = run_cli(
+        "verify-cache", *cache_args(tmp_path / "two", teachers, "cache.verify_samples=20")
+    )
+    assert "verify-cache: OK" in verify.stdout
+
+
+@pytest.mark.slow
+def test_job_array_tasks_build_the_same_cache(tmp_path, teachers, reference):
+    args = cache_args(tmp_path / "arr", teachers)
+    for task in (1, 0):  # array tasks finish in any order; the last one writes the manifest
+        proc = run_cli(
+            "cache",
+            *args,
+            env=cli_env(
+                SLURM_ARRAY_TASK_ID=str(task), SLURM_ARRAY_TASK_COUNT="2", SLURM_ARRAY_TASK_MIN="0"
+            ),
+        )
+        assert ("complete in" in proc.stdout) == (task == 0)
+    assert_same_rows(all_rows(reference), all_rows(tmp_path / "arr/cache"))
+
+
+@pytest.mark.slow
+def test_killed_cache_resumes_missing_parts_only(tmp_path, teachers, reference):
+    args = cache_args(tmp_path / "k", teachers, "cache.rows_per_part=32")
+    proc = subprocess.Popen(
+        [PY, "-m", "launch", "cache", *args],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    parts = tmp_path / "k/cache/parts/shard-00000-of-00001"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(parts.glob("part-*"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = sorted(parts.glob("part-*"))
+    assert len(done) >= 2 and not (tmp_path / "k/cache/manifest.json").exists()
+    files = [f for p in done for f in p.iterdir()]
+    stamps = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in files}
+    with pytest.raises(CacheError, match="incomplete"):
+        LogitCache(tmp_path / "k/cache")
+
+    # Watch which parts the resumed run writes: the finished ones must not be redone.
+    proc = subprocess.Popen(
+        [PY, "-m", "launch", "cache", *args],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while proc.poll() is None:
+        for f in files:
+            try:
+                st = f.stat()
+            except FileNotFoundError:  # merged into the shard and cleaned up: fine
+                continue
+            assert (st.st_ino, st.st_mtime_ns) == stamps[f], f"{f} rewritten"
+        time.sleep(0.02)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    assert_same_rows(all_rows(tmp_path / "k/cache"), all_rows(reference))
+    manifest = (tmp_path / "k/cache/manifest.json").stat().st_mtime_ns
+    again = run_cli("cache", *args)  # complete: a no-op
+    assert "complete in" in again.stdout
+    assert (tmp_path / "k/cache/manifest.json").stat().st_mtime_ns >= manifest
+    assert not (tmp_path / "k/cache/parts").exists()
+
+
+@pytest.mark.slow
+def test_mismatched_caches_are_refused(tmp_path, teachers, reference):
+    root = copy_of(reference, tmp_path) / "cache"
+
+    def expectation(*overrides):
+        cfg = load_config(Config, ROOT / "configs/quickstart.yaml", [*DATA, *overrides])
+        return consumer_expectation(cached_splits(cfg).train, 3)
+
+    LogitCache(root, expectation())  # the matching consumer opens it
+    for override, what in [
+        ("run.seed=1", "views.seed"),
+        ("data.pad=2", "recipe_sha256"),
+        ("data.train_subset=140", "dataset.num_samples"),
+    ]:
+        with pytest.raises(CacheError, match=what):
+            LogitCache(root, expectation(override))
+    # Re-running `cache` into the same directory with other teachers is refused, naming them.
+    proc = run_cli("cache", *cache_args(tmp_path, teachers[:1]), check=False)
+    assert (
+        proc.returncode == 1
+        and "teachers" in proc.stderr
+        and "another configuration" in (proc.stderr)
+    )
+
+
+@pytest.mark.slow
+def test_verify_catches_a_truncated_shard(tmp_path, teachers, reference):
+    copy_of(reference, tmp_path)
+    [arrow] = list((tmp_path / "cache").glob("shard-*/*.arrow"))
+    data = arrow.read_bytes()
+    arrow.write_bytes(data[: len(data) // 2])
+    proc = run_cli("verify-cache", *cache_args(tmp_path, teachers), check=False)
+    assert proc.returncode == 1
+    assert "checksum mismatch" in proc.stderr and arrow.name in proc.stderr
+    with pytest.raises(CacheError, match="truncated"):
+        LogitCache(tmp_path / "cache").rows(np.array([0]), np.array([0]))
+
+
+@pytest.mark.slow
+def test_topk_storage_keeps_top_classes_and_tail_mass(tmp_path, teachers, reference):
+    run_cli("cache", *cache_args(tmp_path / "top", teachers, "cache.storage=topk", "cache.topk=3"))
+    full, top = all_rows(reference), all_rows(tmp_path / "top/cache")
+    assert top["topk_idx"].dtype == np.int16 and top["topk_val"].shape == (450, 3)
+    ref = torch.from_numpy(full["logits"].copy()).float()
+    vals, idx = ref.topk(3, -1)
+    assert np.array_equal(np.sort(top["topk_idx"], -1), np.sort(idx.numpy(), -1))
+    torch.testing.assert_close(
+        torch.from_numpy(top["topk_val"]).float(), vals, atol=2e-2, rtol=2e-3
+    )
+    torch.testing.assert_close(
+        torch.from_numpy(top["lse"]), torch.logsumexp(ref, -1), atol=2e-2, rtol=1e-3
+    )
+    cache = LogitCache(tmp_path / "top/cache")
+    got = cache.rows(np.array([5, 7]), np.array([2, 0]))
+    assert set(got) == {"topk_idx", "topk_val", "lse"} and got["topk_idx"].shape == (2, 3)
+    verify = run_cli(
+        "verify-cache",
+        *cache_args(tmp_path / "top", teachers, "cache.storage=topk", "cache.topk=3"),
+    )
+    assert "verify-cache: OK" in verify.stdout
+
+
+def test_reader_lookup_verifies_keys_and_third_party_loaders_work(reference):
+    root = reference
+    cache = LogitCache(root)
+    sids, vids = np.array([149, 0, 17, 17]), np.array([0, 2, 1, 2])
+    got = cache.rows(sids, vids)["logits"]
+    ds = datasets.load_from_disk(str(root / "shard-00000-of-00001"))  # a plain reader
+    assert ds.features["logits"].length == 10
+    for i, (s, v) in enumerate(zip(sids, vids)):
+        row = ds[int(s * 3 + v)]
+        assert (row["sample_id"], row["view_id"]) == (s, v)
+        assert np.array_equal(np.asarray(row["logits"], dtype=np.float32), got[i].numpy())
+    with pytest.raises(CacheError, match="view ids"):
+        cache.rows(np.array([0]), np.array([3]))

@@ -1,0 +1,202 @@
+"""Launcher configs in configs/accelerate/ and the trainer under DeepSpeed ZeRO-1/2 (CPU, gloo).
+
+DeepSpeed runs on these CPU machines (deepspeed 0.19.8 installed with DS_BUILD_OPS=0): the
+engine trains over gloo, checkpoints its partitioned optimizer state and resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from common.distributed import configure_deepspeed
+from tests.conftest import PY, ROOT, cli_env, free_port
+from tests.test_train import SMALL, assert_same_weights, weights
+
+ACC = ROOT / "configs" / "accelerate"
+ARGS = [
+    "train",
+    "--config",
+    str(ROOT / "configs/quickstart.yaml"),
+    *SMALL,
+    "train.loop.epochs=1",
+    "train.loop.checkpoint_every_steps=2",
+]
+
+# --------------------------------------------------------------------------------------------
+# the config files themselves
+# --------------------------------------------------------------------------------------------
+
+EXPECTED = {
+    "1gpu.yaml": ("NO", 1),
+    "multigpu.yaml": ("MULTI_GPU", None),
+    "multinode.yaml": ("MULTI_GPU", None),
+    "cpu2.yaml": ("MULTI_GPU", 2),
+    "deepspeed_zero1.yaml": ("DEEPSPEED", None),
+    "deepspeed_zero2.yaml": ("DEEPSPEED", None),
+    "deepspeed_zero3.yaml": ("DEEPSPEED", None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_accelerate_config_files_are_consistent(name):
+    cfg = yaml.safe_load((ACC / name).read_text())
+    dtype, procs = EXPECTED[name]
+    assert cfg["distributed_type"] == dtype
+    assert cfg["compute_environment"] == "LOCAL_MACHINE"
+    if procs is not None:
+        assert cfg["num_processes"] == procs
+    if name == "cpu2.yaml":
+        assert cfg["use_cpu"] is True
+    if name == "multinode.yaml":
+        assert cfg["num_machines"] >= 2
+    if dtype == "DEEPSPEED":
+        stage = int(name[-6])
+        ds_file = ROOT / cfg["deepspeed_config"]["deepspeed_config_file"]
+        ds = json.loads(ds_file.read_text())
+        assert ds["zero_optimization"]["stage"] == stage
+        assert ds["zero_allow_untested_optimizer"] is True
+        # filled by the trainer from the run config (no dataloader goes through prepare)
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            assert ds[key] == "auto", key
+        assert cfg["deepspeed_config"].get("zero3_init_flag") is False
+
+
+def _fake_acc(ds: dict):
+    return SimpleNamespace(
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds))
+    )
+
+
+def test_configure_deepspeed_fills_auto_batch_keys():
+    ds = json.loads((ACC / "ds_zero2.json").read_text())
+    configure_deepspeed(
+        _fake_acc(ds), micro_batch=8, grad_accum=2, global_batch=32, clip_grad_norm=None
+    )
+    assert ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 32
+    assert ds["gradient_clipping"] == 0.0
+    assert ds["zero_allow_untested_optimizer"] is True
+
+
+def test_configure_deepspeed_rejects_conflicts_and_zero3():
+    ds = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 4}
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=4"):
+        configure_deepspeed(
+            _fake_acc(ds), micro_batch=8, grad_accum=1, global_batch=16, clip_grad_norm=None
+        )
+    ds3 = json.loads((ACC / "ds_zero3.json").read_text())
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        configure_deepspeed(
+            _fake_acc(ds3), micro_batch=8, grad_accum=1, global_batch=16, clip_grad_norm=None
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# real launches
+# --------------------------------------------------------------------------------------------
+
+
+def _launch(
+    config_file: str | None, out: Path, *extra: str, timeout: float = 400, use_cpu_env=False
+):
+    import subprocess
+
+    if config_file is None:
+        cmd = [PY, "-m", "launch", *ARGS, *extra, f"run.out_dir={out}"]
+    else:
+        cmd = [
+            PY,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ACC / config_file),
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "launch",
+            *ARGS,
+            *extra,
+            f"run.out_dir={out}",
+        ]
+    env = cli_env()
+    if not use_cpu_env:
+        env.pop("ACCELERATE_USE_CPU", None)  # the config files alone must be enough
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}"
+            f"\n--- stderr\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One process, three steps: what every launcher below must reproduce."""
+    out = tmp_path_factory.mktemp("ref")
+    _launch(None, out, "train.loop.max_steps=3")
+    return out / "train"
+
+
+@pytest.fixture(scope="module")
+def zero2_straight(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("zero2")
+    _launch("deepspeed_zero2.yaml", out, "train.loop.max_steps=3")
+    return out / "train"
+
+
+def _metrics(stage_dir: Path) -> dict:
+    return json.loads((stage_dir / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_cpu2_config_starts_two_ranks_of_one_group(tmp_path, reference):
+    _launch("cpu2.yaml", tmp_path, "train.loop.max_steps=3")
+    m = _metrics(tmp_path / "train")
+    # world_size 2 and a test count summed over both ranks: one group, not two rank-0 copies
+    assert m["world_size"] == 2
+    assert m["last"]["test_num_samples"] == 359
+    # same tolerance rationale as test_train.py::test_two_process_ddp_equals_one_process
+    assert_same_weights(weights(reference), weights(tmp_path / "train"), atol=2e-4)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero1_trains_like_ddp(tmp_path, reference):
+    # with the CPU recipe's ACCELERATE_USE_CPU=1 exported (slurm/stage.sbatch does so), which
+    # would make accelerate drop DeepSpeed silently unless common/distributed.py clears it
+    _launch("deepspeed_zero1.yaml", tmp_path, "train.loop.max_steps=3", use_cpu_env=True)
+    m = _metrics(tmp_path / "train")
+    assert m["world_size"] == 2 and m["last"]["test_num_samples"] == 359
+    assert_same_weights(weights(reference), weights(tmp_path / "train"), atol=2e-4)
+    # the DeepSpeed engine really ran: its checkpoint holds one optimizer shard per rank
+    ckpt = sorted((tmp_path / "train" / "checkpoints").glob("ckpt-*"))[-1]
+    assert len(list((ckpt / "deepspeed" / "engine").glob("zero_pp_rank_*_optim_states.pt"))) == 2
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_trains_like_ddp_and_shards_optimizer_state(zero2_straight, reference):
+    m = _metrics(zero2_straight)
+    assert m["world_size"] == 2 and m["last"]["test_num_samples"] == 359
+    assert_same_weights(weights(reference), weights(zero2_straight), atol=2e-4)
+    ckpt = sorted((zero2_straight / "checkpoints").glob("ckpt-*"))[-1]
+    shards = sorted(p.name for p in (ckpt / "deepspeed" / "engine").glob("zero_pp_rank_*"))
+    assert shards == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    assert (ckpt / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_resumes_exactly_from_its_sharded_checkpoint(tmp_path, zero2_straight):
+    _launch("deepspeed_zero2.yaml", tmp_path, "train.loop.max_steps=2")
+    proc = _launch("deepspeed_zero2.yaml", tmp_path, "train.loop.max_steps=3")
+    assert "resumed from" in proc.stdout and "ckpt-000000002" in proc.stdout, proc.stdout
+    # momentum buffers came back from the shards: bit-identical to the straight run
+    assert_same_weights(weights(zero2_straight), weights(tmp_path / "train"), atol=0)

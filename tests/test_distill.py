@@ -1,0 +1,150 @@
+"""Distillation: the loss against a float64 reference, top-k reconstruction, cached vs online
+KD on the same views, DDP equivalence and refusal of a mismatched cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill.losses import kd_loss, kd_loss_topk, topk_to_logits
+from tests.conftest import run_cli
+from tests.test_cache import cache_args, teachers  # noqa: F401 - shared fixture
+from tests.test_train import assert_same_weights, weights
+
+
+def reference_kd(s, t, y, T, alpha):
+    """Hand-written float64: sum_c p_t (log p_t - log p_s), averaged over the batch."""
+    s, t = s.double(), t.double()
+    p_t = torch.exp(t / T - torch.logsumexp(t / T, -1, keepdim=True))
+    log_p_s = s / T - torch.logsumexp(s / T, -1, keepdim=True)
+    kl = (p_t * (torch.log(p_t) - log_p_s)).sum(-1).mean()
+    log_q = s - torch.logsumexp(s, -1, keepdim=True)
+    ce = -log_q[torch.arange(len(y)), y].mean()
+    return alpha * T * T * kl + (1 - alpha) * ce
+
+
+@pytest.mark.parametrize(("T", "alpha"), [(1.0, 0.5), (4.0, 0.9), (6.0, 1.0), (2.0, 0.0)])
+def test_kd_loss_and_gradient_match_float64_reference(T, alpha):
+    torch.manual_seed(0)
+    s = (torch.randn(16, 10) * 3).requires_grad_(True)
+    t = torch.randn(16, 10) * 5
+    y = torch.randint(0, 10, (16,))
+    loss = kd_loss(s, t, y, T, alpha)
+    loss.backward()
+    s64 = s.detach().double().requires_grad_(True)
+    ref = reference_kd(s64, t, y, T, alpha)
+    ref.backward()
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - ref.item()) < 1e-5 * max(1.0, abs(ref.item()))
+    torch.testing.assert_close(s.grad.double(), s64.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_kd_loss_is_float32_under_autocast():
+    s = torch.randn(4, 10).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = kd_loss(s, torch.randn(4, 10), torch.zeros(4, dtype=torch.long), 4.0, 0.9)
+    assert loss.dtype == torch.float32
+
+
+def test_topk_reconstruction_keeps_the_softmax_on_kept_classes():
+    torch.manual_seed(1)
+    full = torch.randn(8, 100) * 4
+    vals, idx = full.topk(5, -1)
+    lse = torch.logsumexp(full, -1)
+    dense = topk_to_logits(idx, vals, lse, 100)
+    p_full, p_dense = F.softmax(full, -1), F.softmax(dense, -1)
+    torch.testing.assert_close(p_dense.gather(1, idx), p_full.gather(1, idx), atol=1e-6, rtol=1e-5)
+    tail = 1 - p_full.gather(1, idx).sum(1)
+    mask = torch.ones_like(full, dtype=torch.bool).scatter_(1, idx, False)
+    torch.testing.assert_close((p_dense * mask).sum(1), tail, atol=1e-6, rtol=1e-5)
+    rest = p_dense[mask].view(8, 95)
+    torch.testing.assert_close(rest, rest[:, :1].expand_as(rest))  # uniform tail
+    # All classes kept: exactly the full logits, and the top-k loss equals the full one.
+    v, i = full.topk(100, -1)
+    torch.testing.assert_close(topk_to_logits(i, v, lse, 100), full)
+    y = torch.zeros(8, dtype=torch.long)
+    torch.testing.assert_close(
+        kd_loss_topk(full, i, v, lse, y, 2.0, 0.7), kd_loss(full, full, y, 2.0, 0.7)
+    )
+
+
+DISTILL = [
+    "distill.loop.batch_size=32",
+    "distill.loop.optim.lr=0.02",
+    "distill.loop.optim.warmup_epochs=0",
+    "distill.loop.log_every=1",
+    "distill.temperature=4",
+    "distill.alpha=0.9",
+]
+
+
+def steps(stage_dir) -> list[dict]:
+    return [json.loads(line) for line in (stage_dir / "steps.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_cached_kd_follows_online_kd_on_the_same_views(tmp_path, teachers):  # noqa: F811
+    args = cache_args(
+        tmp_path,
+        teachers,
+        "cache.per_teacher=false",
+        *DISTILL,
+        "distill.loop.epochs=1",
+        "distill.loop.max_steps=4",
+    )
+    run_cli("cache", *args)
+    cached = run_cli("distill", *args)
+    run_cli("distill", *args, "distill.mode=online")
+    assert "agreement with teachers" in cached.stdout
+    a, b = steps(tmp_path / "distill"), steps(tmp_path / "distill-online")
+    assert [s["step"] for s in a] == [1, 2, 3, 4] == [s["step"] for s in b]
+    for x, y in zip(a, b):  # the cache holds float16: equal to its rounding
+        assert abs(x["loss"] - y["loss"]) < 2e-3 * abs(y["loss"]), (x, y)
+        assert abs(x["kl"] - y["kl"]) < 5e-3 * abs(y["kl"]) + 1e-4, (x, y)
+    m = json.loads((tmp_path / "distill/metrics.json").read_text())
+    last = m["last"]
+    assert {"test_acc", "test_teacher_agreement", "test_teacher_kl", "test_teacher_acc"} <= set(
+        last
+    )
+    assert m["selection_split"] == "test" and m["best"] is not None
+
+
+@pytest.mark.slow
+def test_two_process_distill_equals_one_process_and_mismatch_is_refused(tmp_path, teachers):  # noqa: F811
+    args = cache_args(
+        tmp_path, teachers, *DISTILL, "distill.loop.epochs=1", "distill.loop.max_steps=3"
+    )
+    run_cli("cache", *args)
+    run_cli("distill", *args, f"run.out_dir={tmp_path}")
+    two = tmp_path / "two"
+    run_cli("distill", *args, f"run.out_dir={two}", f"cache.dir={tmp_path / 'cache'}", processes=2)
+    assert_same_weights(weights(tmp_path / "distill"), weights(two / "distill"), atol=2e-4)
+
+    bad = run_cli("distill", *args, "data.pad=2", check=False)
+    assert bad.returncode == 1
+    assert "does not match this run" in bad.stderr and "recipe_sha256" in bad.stderr
+    missing = run_cli("distill", *args, f"cache.dir={tmp_path / 'nowhere'}", check=False)
+    assert missing.returncode == 1 and "run `cache` first" in missing.stderr
+
+
+@pytest.mark.slow
+def test_ce_baseline_needs_no_teachers(tmp_path):
+    proc = run_cli(
+        "distill",
+        "--config",
+        "configs/quickstart.yaml",
+        f"run.out_dir={tmp_path}",
+        "distill.mode=ce",
+        "data.train_subset=150",
+        "data.image_size=8",
+        "data.pad=1",
+        "distill.loop.batch_size=32",
+        "distill.loop.epochs=1",
+        "logging.progress=false",
+    )
+    assert "distill-ce: student test acc" in proc.stdout
+    last = json.loads((tmp_path / "distill-ce/metrics.json").read_text())["last"]
+    assert "test_teacher_agreement" not in last and 0 <= last["test_acc"] <= 1

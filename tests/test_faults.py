@@ -1,0 +1,212 @@
+"""Faults: a dead rank must not hang the others; a half-written or damaged checkpoint must
+never be resumed from."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from common.checkpoint import MANIFEST_FILE, MODEL_FILE, CheckpointManager, verify_manifest
+from tests.conftest import PY, ROOT, cli_env, free_port, run_cli
+from tests.test_train import SMALL, assert_same_weights, weights
+
+# --------------------------------------------------------------------------------------------
+# checkpoint directory hygiene (unit level: CheckpointManager only)
+# --------------------------------------------------------------------------------------------
+
+
+def _save(mgr: CheckpointManager, step: int) -> Path:
+    torch.manual_seed(step)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    spec = {"name": "linear", "num_classes": 3, "kwargs": {}, "widths": None}
+    mgr.save(step, model, spec, opt, {"step": step})
+    return mgr.root / f"ckpt-{step:09d}"
+
+
+def test_leftover_temp_dir_and_unmarked_dir_are_ignored(tmp_path):
+    mgr = CheckpointManager(tmp_path / "checkpoints", keep=5, is_main=True)
+    good = _save(mgr, 2)
+    # a writer killed mid-write leaves its temp dir (another pid) ...
+    tmp = mgr.root / ".ckpt-000000004.tmp-999999"
+    tmp.mkdir()
+    (tmp / MODEL_FILE).write_bytes(b"\0" * 10)
+    # ... and a newer directory without the manifest (the completion marker)
+    unmarked = mgr.root / "ckpt-000000006"
+    unmarked.mkdir()
+    for f in good.iterdir():
+        if f.name != MANIFEST_FILE:
+            (unmarked / f.name).write_bytes(f.read_bytes())
+    assert mgr.latest() == good
+    blob = CheckpointManager.load(mgr.latest())
+    assert blob["state"] == {"step": 2}
+    # the next save clears stale temp dirs of killed writers
+    _save(mgr, 8)
+    assert not tmp.exists()
+    assert mgr.latest().name == "ckpt-000000008"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_damaged_newest_checkpoint_is_skipped(tmp_path, damage):
+    mgr = CheckpointManager(tmp_path / "checkpoints", keep=5, is_main=True)
+    older, newest = _save(mgr, 2), _save(mgr, 4)
+    assert verify_manifest(newest) is None
+    target = newest / MODEL_FILE
+    data = target.read_bytes()
+    if damage == "truncate":
+        target.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":  # same size, one byte changed: only the checksum sees it
+        target.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    else:
+        target.unlink()
+    assert verify_manifest(newest) is not None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert mgr.latest() == older
+    assert any("ignoring corrupt checkpoint" in str(w.message) for w in caught)
+
+
+def test_no_valid_checkpoint_means_fresh_start(tmp_path):
+    mgr = CheckpointManager(tmp_path / "checkpoints", keep=5, is_main=True)
+    assert mgr.latest() is None
+    only = _save(mgr, 2)
+    (only / MANIFEST_FILE).write_text("{not json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert mgr.latest() is None
+
+
+# --------------------------------------------------------------------------------------------
+# end to end through the CLI
+# --------------------------------------------------------------------------------------------
+
+TINY = [
+    "train",
+    "--config",
+    str(ROOT / "configs/quickstart.yaml"),
+    *SMALL,
+    "train.loop.epochs=1",
+    "train.loop.checkpoint_every_steps=2",
+    "train.loop.keep_checkpoints=3",
+]
+
+
+@pytest.mark.slow
+def test_resume_skips_truncated_newest_checkpoint_and_matches_straight_run(tmp_path):
+    run_cli(*TINY, "train.loop.max_steps=6", f"run.out_dir={tmp_path / 'straight'}")
+    out = tmp_path / "damaged"
+    run_cli(*TINY, "train.loop.max_steps=4", f"run.out_dir={out}")
+    ckpts = sorted((out / "train" / "checkpoints").glob("ckpt-*"))
+    assert [p.name for p in ckpts] == ["ckpt-000000002", "ckpt-000000004"]
+    model_file = ckpts[-1] / MODEL_FILE
+    model_file.write_bytes(model_file.read_bytes()[:1000])  # a write cut short
+    proc = run_cli(*TINY, "train.loop.max_steps=6", f"run.out_dir={out}")
+    assert "resumed from" in proc.stdout and "ckpt-000000002" in proc.stdout, proc.stdout
+    assert "ignoring corrupt checkpoint" in proc.stderr, proc.stderr[-2000:]
+    assert_same_weights(weights(tmp_path / "straight/train"), weights(out / "train"), atol=0)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for kv in env:
+        if kv.startswith(b"RANK="):
+            return int(kv[5:])
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [0, 1])
+def test_killed_rank_stops_the_group_within_bounded_time(tmp_path, victim):
+    """SIGKILL one rank's python mid-training: the launcher must fail, not hang.
+
+    torchrun's elastic agent (inside `accelerate launch`) polls its workers every 0.1 s; when
+    one dies it SIGTERMs the others (SIGKILL after its grace period) and exits non-zero. The
+    survivor may also notice first: gloo raises on a closed peer socket. The collective
+    timeout (KDSLIM_COLLECTIVE_TIMEOUT_S) is the last resort for a peer that hangs without
+    dying, e.g. on another node whose agent is gone.
+    """
+    out = tmp_path / "run"
+    cmd = [
+        PY,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "launch",
+        *TINY,
+        "train.loop.epochs=20",
+        f"run.out_dir={out}",
+    ]
+    env = cli_env(KDSLIM_COLLECTIVE_TIMEOUT_S="60")
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        ckpts = out / "train" / "checkpoints"
+        while not any(ckpts.glob("ckpt-*")):  # training is under way on both ranks
+            assert proc.poll() is None, proc.communicate()[0][-4000:]
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.1)
+        ranks = {_rank_of(p): p for p in _children(proc.pid)}
+        assert set(ranks) == {0, 1}, ranks
+        os.kill(ranks[victim], signal.SIGKILL)
+        t0 = time.monotonic()
+        try:
+            output, _ = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the launcher still runs 90 s after rank {victim} was killed")
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    print(f"\nrank {victim} SIGKILLed: launcher exited {proc.returncode} after {elapsed:.1f}s")
+    assert proc.returncode != 0, output[-3000:]
+    assert elapsed < 60, f"took {elapsed:.1f}s\n{output[-3000:]}"
+    assert "Signals.SIGKILL" in output or "exitcode  : -9" in output, output[-3000:]
+    for pid in ranks.values():  # no orphaned rank keeps running
+        assert not Path(f"/proc/{pid}").exists() or _zombie(pid), f"rank pid {pid} survives"
+    assert not (out / "train" / "model").exists()
+    assert not (out / "train" / "metrics.json").exists()
+    # whatever was saved is still a valid checkpoint to resume from
+    mgr = CheckpointManager(out / "train" / "checkpoints", keep=3, is_main=False)
+    latest = mgr.latest()
+    assert latest is not None
+    assert json.loads((latest / "trainer_state.json").read_text())["step"] >= 2
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
+    except OSError:
+        return True

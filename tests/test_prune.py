@@ -1,0 +1,267 @@
+"""Network-slimming pruning: coupled shrink equals the masked net, floors, errors, CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from common.checkpoint import load_model, model_spec, save_model
+from common.config import ConfigError, load_config
+from common.models import build_model, model_widths
+from common.models.densenet import CifarDenseNet
+from common.models.resnet import Bottleneck, CifarResNet, PreActBasicBlock, PreActBottleneck
+from common.models.resnext import CifarResNeXt
+from launch.config import Config
+from prune.l1 import bn_layers
+from prune.measure import count_macs, count_params
+from prune.shrink import apply_masks, slim
+from prune.threshold import all_gammas, global_threshold, layer_keep_masks
+from tests.conftest import ROOT, run_cli
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids spin-wait stalls on a shared, loaded CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# Small members of every family (same classes as the registry's full-size networks).
+FAMILIES = {
+    "vgg": lambda: build_model("cifar_vgg11", 10, cfg=[8, "M", 16, 16, "M", 24]),
+    "resnet": lambda: build_model("cifar_resnet20", 10),
+    "resnet_bottleneck": lambda: CifarResNet(Bottleneck, [2, 1, 1], [4, 8, 8], 10),
+    "preresnet_basic": lambda: CifarResNet(PreActBasicBlock, [2, 2, 1], [8, 8, 16], 10),
+    "preresnet_bottleneck": lambda: CifarResNet(PreActBottleneck, [2, 1, 1], [4, 8, 8], 10),
+    "densenet": lambda: CifarDenseNet(10, 6, False, 1.0, 10),
+    "densenet_bc": lambda: CifarDenseNet(16, 4, True, 0.5, 10),
+    "resnext": lambda: CifarResNeXt(11, cardinality=4, base_width=4),
+    "mobilenetv3": lambda: build_model("cifar_mobilenetv3_small", 10, width_mult=0.5),
+}
+
+
+def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random gammas (so the threshold prunes some channels), betas and statistics."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, bn in bn_layers(model):
+            c = bn.num_features
+            bn.weight.copy_(torch.rand(c, generator=g))
+            bn.bias.copy_(0.5 * torch.randn(c, generator=g))
+            bn.running_mean.copy_(0.1 * torch.randn(c, generator=g))
+            bn.running_var.copy_(0.5 + torch.rand(c, generator=g))
+    return model.eval()
+
+
+def replicate_padding(model: nn.Module) -> nn.Module:
+    """A constant channel stays constant under replicate padding, so the act(beta) fold is
+    exact on the whole map, borders included (with zeros it is exact away from borders)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.padding != (0, 0):
+            m.padding_mode = "replicate"
+    return model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_shrunk_equals_masked(family):
+    torch.manual_seed(0)
+    model = replicate_padding(randomise_bn(FAMILIES[family]()))
+    x = torch.randn(4, 3, 16, 16)
+    masks = layer_keep_masks(model, global_threshold(all_gammas(model), 0.5), 0.1)
+    shrunk, final, report = slim(model, masks, x)
+    masked = apply_masks(copy.deepcopy(model), final)
+    kept = sum(int(k.sum()) for k in final.values())
+    assert kept < sum(len(k) for k in final.values()), "nothing was pruned"
+    assert count_params(shrunk) < count_params(model)
+    assert report["unfolded"] == {}, report
+    for name, bn in bn_layers(shrunk):  # physically smaller, as the coupled masks say
+        assert bn.num_features == int(final[name].sum())
+    with torch.no_grad():
+        want, got = masked(x), shrunk(x)
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5 * max(scale, 1e-3))
+
+
+def test_zero_padding_fold_is_exact_away_from_borders():
+    """With zero padding only border outputs of the first consumer differ: compare the
+    feature maps of a VGG interior region."""
+    model = randomise_bn(build_model("cifar_vgg11", 10, cfg=[8, 8, 16]))
+    x = torch.randn(2, 3, 12, 12)
+    masks = layer_keep_masks(model, global_threshold(all_gammas(model), 0.5), 0.1)
+    shrunk, final, _ = slim(model, masks, x)
+    masked = apply_masks(copy.deepcopy(model), final)
+    with torch.no_grad():
+        a, b = masked.feature(x)[:, final["feature.7"]], shrunk.feature(x)
+    # the constants enter the 2nd and 3rd 3x3 convs: 2 border pixels see the zero padding
+    torch.testing.assert_close(b[..., 2:-2, 2:-2], a[..., 2:-2, 2:-2], rtol=0, atol=1e-5)
+    assert not torch.allclose(b, a, atol=1e-5)  # ... and the border does differ
+
+
+def test_grouped_conv_stays_balanced():
+    model = randomise_bn(CifarResNeXt(11, cardinality=4, base_width=4))
+    masks = layer_keep_masks(model, global_threshold(all_gammas(model), 0.7), 0.0)
+    shrunk, _, _ = slim(model, masks, torch.randn(2, 3, 8, 8))
+    for m in shrunk.modules():
+        if isinstance(m, nn.Conv2d) and m.groups > 1:
+            assert m.in_channels % m.groups == 0 and m.out_channels % m.groups == 0
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.25])
+def test_no_layer_vanishes_at_ratio_099(floor):
+    model = randomise_bn(build_model("cifar_resnet20", 10))
+    masks = layer_keep_masks(model, global_threshold(all_gammas(model), 0.99), floor)
+    shrunk, _, _ = slim(model, masks, torch.randn(2, 3, 8, 8))
+    for name, bn in bn_layers(shrunk):
+        total = model.get_submodule(name).num_features
+        assert bn.num_features >= max(1, int(floor * total)), name
+    for m in shrunk.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            assert min(m.weight.shape[:2]) >= 1
+    assert shrunk(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_threshold_is_ns_index():
+    g = torch.tensor([0.5, 0.1, 0.4, 0.2, 0.3])
+    assert global_threshold(g, 0.4) == pytest.approx(0.3)  # sorted[int(5 * 0.4)]
+    for bad in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="prune.ratio"):
+            global_threshold(g, bad)
+
+
+@pytest.mark.parametrize("ratio", ["0", "1.0", "1.2", "-0.5"])
+def test_ratio_outside_range_is_a_config_error(ratio):
+    with pytest.raises(ConfigError, match=r"prune\.ratio"):
+        load_config(Config, None, [f"prune.ratio={ratio}"])
+
+
+def test_model_without_batchnorm_is_a_clear_error():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 10))
+    with pytest.raises(ValueError, match=r"no BatchNorm.*prune\.init"):
+        all_gammas(model)
+    with pytest.raises(ValueError, match=r"prune\.init"):
+        slim(model, {}, torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("cifar_vgg11", {"cfg": [8, "M", 16, "M", 16]}),
+        ("cifar_resnet20", {}),
+        ("cifar_mobilenetv3_small", {"width_mult": 0.5}),
+    ],
+)
+def test_pruned_model_round_trips_through_save_load(tmp_path, name, kwargs):
+    model = randomise_bn(build_model(name, 10, **kwargs))
+    masks = layer_keep_masks(model, global_threshold(all_gammas(model), 0.6), 0.1)
+    shrunk, _, _ = slim(model, masks, torch.randn(2, 3, 16, 16))
+    spec = model_spec(name, 10, kwargs, widths=model_widths(shrunk))
+    save_model(tmp_path / "m", shrunk, spec)
+    loaded, loaded_spec = load_model(tmp_path / "m")  # rebuilt from widths, no original needed
+    assert loaded_spec["widths"] == model_widths(shrunk)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), shrunk(x))
+
+
+def test_macs_counter():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 16, 10))
+    assert count_macs(model, (3, 4, 4)) == 8 * 16 * 27 + 8 * 16 * 10
+    dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    assert count_macs(dw, (8, 4, 4)) == 8 * 16 * 9
+
+
+SMALL = [
+    "--config",
+    str(ROOT / "configs/quickstart.yaml"),
+    "data.image_size=8",
+    "data.pad=1",
+    "data.test_subset=64",
+    "logging.progress=false",
+]
+
+
+@pytest.mark.slow
+def test_cli_train_sparsity_prune_finetune(tmp_path):
+    """The chain on digits; sparsity and prune run in 2 processes (DDP, all-reduce BN), prune
+    in 2 rounds, and every rank must hold the same pruned model; fine-tune with live KD
+    reloads and trains the smaller model."""
+    out = [*SMALL, f"run.out_dir={tmp_path}"]
+    steps = ["loop.max_steps=2", "loop.batch_size=32"]
+    run_cli("train", *out, "train.model.name=cifar_resnet20", *[f"train.{s}" for s in steps])
+    run_cli("sparsity", *out, "sparsity.s=0.01", *[f"sparsity.{s}" for s in steps], processes=2)
+    assert (tmp_path / "sparsity/gamma_hist_epoch000.png").is_file()
+    assert (tmp_path / "sparsity/gamma_hist_final.png").is_file()
+    run_cli(
+        "prune",
+        *out,
+        "prune.ratio=0.6",
+        "prune.latency_repeats=2",
+        "prune.latency_warmup=1",
+        "prune.iterative.rounds=2",
+        "prune.iterative.loop.max_steps=1",
+        "prune.iterative.loop.batch_size=32",
+        processes=2,
+    )
+    pdir = tmp_path / "prune"
+    metrics = json.loads((pdir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["after"]["params"] < metrics["before"]["params"]
+    assert metrics["after"]["flops"] == 2 * metrics["after"]["macs"]
+    assert set(metrics["after"]["latency_ms"]) == {"1", "64"}
+    assert len(metrics["rounds"]) == 2 and (pdir / "widths.png").is_file()
+    for r in ("round_1", "round_2"):
+        digests = [
+            json.loads((pdir / r / "rank_digests" / f"rank{i}.json").read_text()) for i in (0, 1)
+        ]
+        assert digests[0] == digests[1]
+    pruned, spec = load_model(pdir / "model")
+    assert count_params(pruned) == metrics["after"]["params"]
+    assert spec["widths"] == model_widths(pruned)
+
+    run_cli(
+        "finetune",
+        *out,
+        *[f"finetune.{s}" for s in steps],
+        f"finetune.teacher={tmp_path / 'train/model'}",
+    )
+    tuned, _ = load_model(tmp_path / "finetune/model")
+    assert model_widths(tuned) == model_widths(pruned)
+    ft = json.loads((tmp_path / "finetune/metrics.json").read_text())
+    assert "test_teacher_agree" in ft["last"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/cifar10").glob("slim_*.yaml")))
+def test_slimming_configs_load(path):
+    cfg = load_config(Config, path)
+    assert 0 < cfg.prune.ratio < 1 and cfg.sparsity.s > 0
+    assert cfg.sparsity.loop.optim.weight_decay == pytest.approx(1e-4)  # a float, not "1e-4"
+
+
+def test_scratch_b_epochs_match_the_macs_budget(tmp_path):
+    from launch.stages.finetune import scratch_b_epochs
+
+    metrics = tmp_path / "metrics.json"
+    with pytest.raises(ConfigError, match=r"finetune\.scratch_b"):
+        scratch_b_epochs(10, metrics)
+    metrics.write_text(json.dumps({"before": {"macs": 400}, "after": {"macs": 200}}))
+    assert scratch_b_epochs(160, metrics) == 320  # Liu et al. 2019: same FLOPs budget
+
+
+def test_live_kd_task_uses_a_frozen_teacher():
+    from prune.kd import LiveKDTask
+
+    torch.manual_seed(0)
+    teacher, student = build_model("cifar_resnet20", 10), build_model("cifar_resnet20", 10)
+    task = LiveKDTask(teacher.train(), T=4.0, alpha=0.9)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    b = {"image": torch.randn(4, 3, 8, 8), "label": torch.arange(4)}
+    terms = task.losses(student, b)
+    terms["loss"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert set(terms) == {"loss", "ce"} and terms["loss"].requires_grad
