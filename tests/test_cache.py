@@ -259,3 +259,12 @@ def test_reader_lookup_verifies_keys_and_third_party_loaders_work(reference):
         assert np.array_equal(np.asarray(row["logits"], dtype=np.float32), got[i].numpy())
     with pytest.raises(CacheError, match="view ids"):
         cache.rows(np.array([0]), np.array([3]))
+
+
+@pytest.mark.slow
+def test_bf16_cache_verifies_under_its_recorded_precision(tmp_path, teachers):
+    args = cache_args(tmp_path, teachers, "data.train_subset=40", "run.mixed_precision=bf16")
+    run_cli("cache", *args)
+    assert LogitCache(tmp_path / "cache").manifest["precision"] == "bf16"
+    verify = run_cli("verify-cache", *args, "cache.verify_samples=16")
+    assert "verify-cache: OK" in verify.stdout

@@ -59,6 +59,7 @@ def build_spec(*, dataset: ViewDataset, ensemble: Ensemble, cfg, seed: int) -> d
             "per_teacher": c.per_teacher,
         },
         "num_classes": num_classes,
+        "precision": cfg.run.mixed_precision,  # the teachers' autocast; verify re-scores so
         "layout": {"batch_size": c.batch_size, "rows_per_part": c.rows_per_part},
     }
 
