@@ -76,6 +76,7 @@ def main() -> None:
             "cache.teachers=[" + ",".join(f"{{path: {d}}}" for d in teacher_dirs) + "]",
             "cache.views=2",
             f"distill.student.name={args.student}",
+            "distill.student.kwargs={}",
             f"distill.loop.batch_size={args.batch}",
             f"distill.loop.max_steps={args.steps}",
             "distill.loop.log_every=1",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -167,6 +168,9 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------
 
 
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -228,6 +232,8 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
             fail()
         return {str(k): _coerce(v, args[1], f"{key}.{k}", src) for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, int | float):
             fail()
         return float(value)

@@ -73,9 +73,14 @@ def test_overrides_parse_yaml_values_and_win(tmp_path):
         load_config(Config, p, ["train.loop.epochs"])
 
 
-def test_int_is_accepted_for_float(tmp_path):
+def test_int_and_dotless_exponent_are_accepted_for_float(tmp_path):
     cfg = load_config(Config, write(tmp_path, "train:\n  loop:\n    optim:\n      lr: 1\n"))
     assert isinstance(cfg.train.loop.optim.lr, float)
+    # YAML 1.1 reads 1e-4 as a string; a float field takes it as the number meant.
+    cfg = load_config(Config, write(tmp_path, "sparsity:\n  s: 1e-4\n"), ["run.seed=1"])
+    assert cfg.sparsity.s == 1e-4
+    with pytest.raises(ConfigError, match="sparsity.s"):
+        load_config(Config, write(tmp_path, "sparsity:\n  s: 1e-4x\n"))
 
 
 def test_cli_reports_config_errors_and_exits_nonzero(tmp_path):

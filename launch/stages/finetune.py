@@ -15,7 +15,8 @@ from common.config import ConfigError
 from common.data import build_splits
 from common.runtime import open_stage
 from common.trainer import CrossEntropyTask, Trainer
-from prune.kd import LiveKDTask
+from distill.task import KDTask, OnlineTeacher, teacher_test_logits
+from distill.teachers import Ensemble
 
 
 def scratch_b_epochs(epochs: int, prune_metrics: Path) -> int:
@@ -44,10 +45,17 @@ def run(cfg, stage: str = "finetune", stage_dir=None) -> dict:
             rt.logger.info(f"scratch-B: {loop.epochs} epochs from random init")
         splits = build_splits(cfg.data, cfg.run.seed)
         task = CrossEntropyTask(loop.label_smoothing)
-        if fc.teacher is not None:
-            teacher, _ = load_model(fc.teacher)
-            teacher.to(rt.accelerator.device)
-            task = LiveKDTask(teacher, fc.kd_temperature, fc.kd_alpha)
+        if fc.teacher is not None:  # live KD from the unpruned model: frozen, never DDP-wrapped
+            teacher, teacher_spec = load_model(fc.teacher)
+            acc = rt.accelerator
+            ensemble = Ensemble([teacher], [{"spec": teacher_spec}], "logits").to(acc.device)
+            test_ids = list(range(acc.process_index, len(splits.test), acc.num_processes))
+            task = KDTask(
+                OnlineTeacher(ensemble),
+                fc.kd_temperature,
+                fc.kd_alpha,
+                teacher_test_logits(ensemble, splits.test, test_ids, acc.device),
+            )
         trainer = Trainer(
             accelerator=rt.accelerator,
             run=cfg.run,
