@@ -42,6 +42,31 @@ def cli_env(**extra) -> dict:
     return env
 
 
+def cli_command(*args: str, processes: int = 1) -> list[str]:
+    """`python -m launch ...`, or the same under `accelerate launch` with N CPU processes."""
+    if processes == 1:
+        return [PY, "-m", "launch", *args]
+    return [
+        PY,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "launch",
+        *args,
+    ]
+
+
 def run_cli(
     *args: str,
     processes: int = 1,
@@ -49,29 +74,8 @@ def run_cli(
     check: bool = True,
     env: dict | None = None,
 ) -> subprocess.CompletedProcess:
-    """`python -m launch ...`, or the same under `accelerate launch` with N CPU processes."""
-    if processes == 1:
-        cmd = [PY, "-m", "launch", *args]
-    else:
-        cmd = [
-            PY,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            "-m",
-            "launch",
-            *args,
-        ]
+    """Run `cli_command(*args, processes)` to completion; raise with its output on failure."""
+    cmd = cli_command(*args, processes=processes)
     proc = subprocess.run(
         cmd, cwd=ROOT, env=env or cli_env(), capture_output=True, text=True, timeout=timeout
     )
@@ -95,7 +99,7 @@ def random_images(n: int, size: int, seed: int) -> np.ndarray:
 
 @pytest.fixture
 def parquet_cifar(tmp_path: Path) -> Path:
-    """A tiny CIFAR-10 in the Hugging Face Parquet layout (as ../shared/data/cifar10)."""
+    """A tiny CIFAR-10 in the Hugging Face Parquet layout (img PNG bytes + label columns)."""
     import datasets
 
     root = tmp_path / "cifar10"

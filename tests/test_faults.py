@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from common.checkpoint import MANIFEST_FILE, MODEL_FILE, CheckpointManager, verify_manifest
-from tests.conftest import PY, ROOT, cli_env, free_port, run_cli
+from tests.conftest import ROOT, cli_command, cli_env, run_cli
 from tests.test_train import SMALL, assert_same_weights, weights
 
 # --------------------------------------------------------------------------------------------
@@ -145,27 +145,7 @@ def test_killed_rank_stops_the_group_within_bounded_time(tmp_path, victim):
     dying, e.g. on another node whose agent is gone.
     """
     out = tmp_path / "run"
-    cmd = [
-        PY,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "launch",
-        *TINY,
-        "train.loop.epochs=20",
-        f"run.out_dir={out}",
-    ]
+    cmd = cli_command(*TINY, "train.loop.epochs=20", f"run.out_dir={out}", processes=2)
     env = cli_env(KDSLIM_COLLECTIVE_TIMEOUT_S="60")
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
