@@ -233,7 +233,7 @@ def test_cli_train_sparsity_prune_finetune(tmp_path):
     tuned, _ = load_model(tmp_path / "finetune/model")
     assert model_widths(tuned) == model_widths(pruned)
     ft = json.loads((tmp_path / "finetune/metrics.json").read_text())
-    assert "test_teacher_agree" in ft["last"]
+    assert 0 <= ft["last"]["test_teacher_agreement"] <= 1  # live KD from the unpruned model
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs/cifar10").glob("slim_*.yaml")))
