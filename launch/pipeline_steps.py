@@ -27,6 +27,7 @@ import yaml
 
 from common.config import to_dict
 from distill.cache.setup import cache_root
+from launch.pipeline_config import PIPELINE_STEPS
 
 RUNTIME_ONLY = {
     "data.num_workers",
@@ -162,17 +163,7 @@ STEPS: tuple[Step, ...] = (
         _out("report"),
         ("../report.json", "../report.md"),
         ("pipeline",),
-        (
-            "train",
-            "cache",
-            "verify-cache",
-            "distill-ce",
-            "distill",
-            "sparsity",
-            "prune",
-            "finetune",
-            "export",
-        ),
+        PIPELINE_STEPS[: PIPELINE_STEPS.index("report")],  # the report reads every step before it
         keep_stale=False,
     ),
 )
