@@ -18,6 +18,9 @@
 #   4. verify_bf16 `verify-cache` on that bf16-written cache: the spot check re-scores under
 #                 the bf16 autocast recorded in the manifest (exact on CPU, measured).
 #   5. rerun      the same command again: every step must be skipped.
+#   5b. deepspeed_zero3_online  20 steps of online KD under deepspeed_zero3.yaml with bf16:
+#                 the pipeline's teacher in a ZeRO-3 engine, the student under ZeRO-2, both
+#                 under DeepSpeed's torch autocast (CPU tests cover the sharding itself).
 #   6. bench      bench/bench_cache.py and bench/bench_distill.py (cache writer / reader and
 #                 cached-KD vs CE vs online-KD step throughput) on the synthetic data.
 #   7. pytest_gpu `pytest -m gpu` when tests carry that marker (skipped, not failed, if none).
@@ -36,7 +39,7 @@ WORK=${WORK:-$(mktemp -d)}
 export WANDB_MODE=${WANDB_MODE:-disabled} PYTHONPATH=${PYTHONPATH:-$PWD}
 declare -A RC WALL
 
-ALL="env data pipeline verify_bf16 rerun bench_cache bench_distill pytest_gpu"
+ALL="env data pipeline verify_bf16 rerun deepspeed_zero3_online bench_cache bench_distill pytest_gpu"
 want() { [[ " ${PHASES:-$ALL} " == *" $1 "* ]]; }
 
 BUDGET_S=${BUDGET_S:-570}  # hard cap on the whole check: 9.5 minutes, inside a 10-minute lease
@@ -116,6 +119,12 @@ if [ "${RC[rerun]:-}" = 0 ] && grep -q "running (" "$OUT/rerun.log"; then
     echo "rerun: a step ran again although everything was complete" | tee -a "$OUT/rerun.log"
     RC[rerun]=1
 fi
+
+# DeepSpeed on CUDA with bf16: the teacher from the pipeline sharded by ZeRO-3 and the student
+# under ZeRO-2, both under torch autocast (one process: the engines' code paths, not sharding).
+phase deepspeed_zero3_online 150 "$PY" -m accelerate.commands.launch \
+    --config_file configs/accelerate/deepspeed_zero3.yaml --num_processes 1 \
+    -m launch distill "${ARGS[@]}" distill.mode=online distill.loop.max_steps=20
 
 # bench_distill loads configs/quickstart.yaml, whose student carries VGG `cfg` kwargs: its
 # default --student cifar_resnet20 then fails to build, so the quickstart's VGG is named.

@@ -197,6 +197,9 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
     if tp is Any:
         return value
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads `no`, `off`, `yes`, `on` as booleans
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((w for w in words if w in args), value)
         if value in args:
             return value
         fail()

@@ -6,7 +6,9 @@ modules and tensors. Stages call `build_accelerator` once and `prepare` once.
 
 from __future__ import annotations
 
+import copy
 import os
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -26,7 +28,11 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def build_accelerator(run: RunConfig) -> Accelerator:
+TEACHER_PLUGIN = "teacher"
+"""Key of the ZeRO-3 plugin that shards a frozen live teacher (see `build_accelerator`)."""
+
+
+def build_accelerator(run: RunConfig, live_teacher: bool = False) -> Accelerator:
     """An Accelerator for this machine: CUDA when present, else CPU processes over gloo.
 
     `cpu=True` is what makes `accelerate launch --multi_gpu` on a CPU machine start a real
@@ -36,6 +42,12 @@ def build_accelerator(run: RunConfig) -> Accelerator:
     and with `cpu=False` and no backend it lets DeepSpeed build a 2-rank group while reporting
     rank 0 of 1 on every process. Passing `backend="gloo"` (and `cpu=False`) gives one gloo
     group that accelerate and DeepSpeed agree on (measured: accelerate 1.15, deepspeed 0.19.8).
+
+    A ZeRO-3 launch config in a stage with a frozen `live_teacher` (online distillation, KD
+    fine-tuning) means: shard the teacher, whose weights are what does not fit, with ZeRO-3,
+    and train the student under ZeRO-2 with the same settings. The two configs are held the way
+    accelerate holds several models' DeepSpeed configs (`deepspeed_plugins`, one per model;
+    accelerate's "deepspeed_multiple_model" guide); `place_frozen` builds the teacher's engine.
     """
     cpu = not torch.cuda.is_available()
     mp = run.mixed_precision
@@ -43,6 +55,7 @@ def build_accelerator(run: RunConfig) -> Accelerator:
         raise ValueError("run.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
     deepspeed = deepspeed_requested()
     pg = {"timeout": timedelta(seconds=COLLECTIVE_TIMEOUT_S)}
+    plugins = None
     if deepspeed:
         _let_accelerate_run_deepspeed_without_transformers()
         if cpu:
@@ -50,11 +63,52 @@ def build_accelerator(run: RunConfig) -> Accelerator:
             # ACCELERATE_USE_CPU=1 (the CPU recipe in README, slurm/stage.sbatch) would make
             # accelerate fall back to plain DDP without a word: DeepSpeed was asked for.
             os.environ.pop("ACCELERATE_USE_CPU", None)
+        plugins = _plugins_for_live_teacher() if live_teacher else None
     return Accelerator(
         cpu=cpu and not deepspeed,
         mixed_precision=mp,
         kwargs_handlers=[InitProcessGroupKwargs(**pg)],
+        deepspeed_plugins=plugins,
     )
+
+
+def _plugins_for_live_teacher():
+    """{"student": ZeRO-2 copy, "teacher": the launched ZeRO-3 config}, or None (not ZeRO-3).
+
+    The first plugin is the active one, so everything `prepare` does (the trainer) sees the
+    student's; the teacher's waits in `accelerator.state` for `place_frozen`."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    launched = DeepSpeedPlugin()  # from the launch config (ACCELERATE_DEEPSPEED_CONFIG_FILE)
+    if _zero_stage(launched.deepspeed_config) != 3:
+        return None
+    student = copy.deepcopy(launched.deepspeed_config)
+    zero = student.setdefault("zero_optimization", {})
+    for key in [k for k in zero if k.startswith("stage3_") or k == "offload_param"]:
+        del zero[key]  # parameter sharding settings: the student's weights stay whole
+    zero["stage"] = 2
+    return {"student": DeepSpeedPlugin(hf_ds_config=student), TEACHER_PLUGIN: launched}
+
+
+def _zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def _use_torch_autocast(ds_config: dict, mixed_precision: str) -> None:
+    """`run.mixed_precision` is the one precision switch, and it means the same under every
+    engine: float32 weights, bf16 matmuls under `torch.autocast`. DeepSpeed's own `bf16`
+    section instead casts the weights (BatchNorm statistics included) to bf16 and leaves the
+    float32 images to meet them ("Input type (float) and weight type (BFloat16) should be the
+    same"); its `torch_autocast` section is the DDP behaviour. fp16 would need a loss scaler
+    that DeepSpeed attaches to torch autocast only without ZeRO, so it is refused."""
+    if mixed_precision == "fp16":
+        raise ValueError(
+            "run.mixed_precision=fp16 is not supported under DeepSpeed (its torch-autocast "
+            "mode scales the fp16 loss only without ZeRO): use run.mixed_precision=bf16"
+        )
+    ds_config["bf16"] = {"enabled": False}
+    ds_config["fp16"] = {"enabled": False}
+    ds_config["torch_autocast"] = {"enabled": mixed_precision == "bf16", "dtype": "bfloat16"}
 
 
 def _let_accelerate_run_deepspeed_without_transformers() -> None:
@@ -116,14 +170,65 @@ def configure_deepspeed(
         cfg[key] = value
     # our optimizers are plain torch ones (SGD/AdamW): ZeRO refuses them without this
     cfg["zero_allow_untested_optimizer"] = True
-    stage = cfg.get("zero_optimization", {}).get("stage", 0)
-    if stage == 3:
+    _use_torch_autocast(cfg, accelerator.mixed_precision)
+    if _zero_stage(cfg) == 3:
         raise ValueError(
             "the training loop supports DeepSpeed ZeRO stage 0-2 for the trained model "
             "(configs/accelerate/deepspeed_zero1.yaml / deepspeed_zero2.yaml); ZeRO-3 "
-            "(deepspeed_zero3.yaml) is for sharding a large frozen teacher in online "
-            "distillation, see README 'Running on a cluster'"
+            "(deepspeed_zero3.yaml) shards a large frozen live teacher (distill.mode=online, "
+            "finetune.teacher) while the student trains under ZeRO-2, see README 'Running "
+            "on a cluster'"
         )
+
+
+def place_frozen(
+    module: nn.Module, accelerator: Accelerator, log: Callable[[str], None] = print
+) -> nn.Module:
+    """A frozen teacher ready to run on this process: on its device, or, under a ZeRO-3
+    launch config, a DeepSpeed engine holding 1/world of its weights per process.
+
+    Never DDP-wrapped: it has no gradients to synchronise. ZeRO-3 gathers each layer's weights
+    just before the layer runs, so every process must call it the same number of times (the
+    trainer's micro-batches are equal per rank; see `distill.task.teacher_test_logits`).
+    The module is built whole in host memory on each process first (what `torch.load` needs)
+    and only its shard is kept on the device; `offload_param` in the DeepSpeed JSON keeps the
+    shards in host memory instead.
+    """
+    plugins = getattr(accelerator.state, "deepspeed_plugins", None)
+    if not isinstance(plugins, dict) or TEACHER_PLUGIN not in plugins:
+        return module.to(accelerator.device)
+    import deepspeed
+
+    cfg = copy.deepcopy(plugins[TEACHER_PLUGIN].deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        cfg.pop(key, None)
+    # no training happens: batch keys only satisfy DeepSpeed's consistency check
+    cfg.update(
+        train_micro_batch_size_per_gpu=1,
+        gradient_accumulation_steps=1,
+        train_batch_size=accelerator.num_processes,
+        gradient_clipping=0.0,
+    )
+    _use_torch_autocast(cfg, accelerator.mixed_precision)
+    engine = deepspeed.initialize(model=module, config=cfg)[0]
+    engine.eval()
+    local, total = parameter_share(engine.module)
+    log(
+        f"teacher sharded by ZeRO-3 over {accelerator.num_processes} processes: this process "
+        f"holds {local:,} of its {total:,} parameters ({100 * local / total:.1f}%)"
+    )
+    return engine
+
+
+def parameter_share(module: nn.Module) -> tuple[int, int]:
+    """(parameters stored by this process, parameters in the model): equal unless ZeRO-3
+    partitioned the module (`ds_tensor` is this process's slice, `ds_numel` the whole)."""
+    local = total = 0
+    for p in module.parameters():
+        whole = getattr(p, "ds_numel", p.numel())
+        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else whole
+        total += whole
+    return local, total
 
 
 def synchronise_batchnorm(model: nn.Module, accelerator: Accelerator) -> nn.Module:

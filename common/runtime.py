@@ -31,10 +31,15 @@ class StageRuntime:
 
 
 def open_stage(
-    cfg, stage: str, stage_dir: Path | None = None, wandb_id: str | None = None
+    cfg,
+    stage: str,
+    stage_dir: Path | None = None,
+    wandb_id: str | None = None,
+    live_teacher: bool = False,
 ) -> StageRuntime:
-    """Set up processes and the output directory of `stage`; rank 0 writes the config."""
-    acc = build_accelerator(cfg.run)
+    """Set up processes and the output directory of `stage`; rank 0 writes the config.
+    `live_teacher`: the stage runs a frozen teacher next to the model it trains."""
+    acc = build_accelerator(cfg.run, live_teacher=live_teacher)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     stage_dir = Path(stage_dir or Path(cfg.run.out_dir) / stage)
     logger: NullLogger = NullLogger()

@@ -208,6 +208,7 @@ class Trainer:
                 bar.update()
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.3g}")
                 if self.state.step % self.loop.log_every == 0:
+                    logs = self._global_mean(logs)  # the global batch's, as one process logs
                     self.log.log({f"train/{k}": v for k, v in logs.items()}, step=self.state.step)
                     self.log.append_jsonl(
                         self.stage_dir / "steps.jsonl",
@@ -269,15 +270,20 @@ class Trainer:
         self.state.epoch_steps += 1
         return logs
 
+    def _global_mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Means over processes: every process holds an equal share of the global batch."""
+        keys = sorted(values)
+        if not keys or self.acc.num_processes == 1:
+            return values
+        vec = torch.tensor([values[k] for k in keys], device=self.acc.device)
+        return dict(zip(keys, self.acc.reduce(vec, reduction="mean").tolist()))
+
     def _end_epoch(self, start: float) -> None:
         epoch = (self.state.step - 1) // self.sampler.steps_per_epoch
         record: dict = {"epoch": epoch + 1, "step": self.state.step}
         sums, n = self.state.epoch_sums, max(self.state.epoch_steps, 1)
-        keys = sorted(sums)
-        if keys:
-            vec = torch.tensor([sums[k] / n for k in keys], device=self.acc.device)
-            vec = self.acc.reduce(vec, reduction="mean")
-            record.update({f"train_{k}": v for k, v in zip(keys, vec.tolist())})
+        means = self._global_mean({k: v / n for k, v in sums.items()})
+        record.update({f"train_{k}": v for k, v in means.items()})
         self.state.epoch_sums, self.state.epoch_steps = {}, 0
         last = self.state.step >= self.total_steps
         if last or (epoch + 1) % self.loop.eval_every == 0:

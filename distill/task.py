@@ -109,18 +109,28 @@ class KDTask:
 
 
 def teacher_test_logits(
-    ensemble: Ensemble,
+    teacher: nn.Module,
     test: ViewDataset,
-    ids: list[int],
+    rank: int,
+    world: int,
     device: torch.device,
     batch_size: int = 256,
 ) -> torch.Tensor:
-    """Ensemble logits on the plain test views of `ids` (this process's evaluation share),
-    computed once so every epoch's agreement metric costs nothing."""
+    """Ensemble logits on the plain test views of this process's evaluation share (every
+    `world`-th sample from `rank`), computed once so every epoch's agreement metric costs
+    nothing.
+
+    Every process runs the same number of forward passes, repeating its last batch where its
+    share is shorter: a ZeRO-3 teacher gathers its weights collectively in each forward, so
+    one process calling it once more than the others would wait forever."""
+    ids = list(range(rank, len(test), world))
+    share = -(-len(test) // world)  # the longest share
     out = torch.zeros(len(test), test.source.num_classes, dtype=torch.float16)
-    with torch.inference_mode():
-        for i in range(0, len(ids), batch_size):
-            chunk = ids[i : i + batch_size]
+    with torch.no_grad():  # not inference_mode: ZeRO-3 swaps gathered weights into parameters
+        for start in range(0, share, batch_size):
+            chunk = ids[start : start + batch_size] or ids[-batch_size:] or [0]
             images = torch.stack([test[(s, -1)]["image"] for s in chunk]).to(device)
-            out[chunk] = ensemble(images)[0].cpu().half()
+            logits = teacher(images)[0]
+            if start < len(ids):
+                out[chunk] = logits.cpu().half()
     return out

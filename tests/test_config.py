@@ -96,3 +96,13 @@ def test_cli_reports_config_errors_and_exits_nonzero(tmp_path):
 def test_cli_help_lists_stages():
     out = run_cli("--help").stdout
     assert "train" in out and "models" in out
+
+
+def test_yaml_boolean_words_reach_string_choices(tmp_path):
+    # YAML 1.1 reads `no` as False; `run.mixed_precision: no` is the documented spelling
+    cfg = load_config(Config, write(tmp_path, "run:\n  mixed_precision: no\n"))
+    assert cfg.run.mixed_precision == "no"
+    cfg = load_config(Config, None, ["run.mixed_precision=bf16", "run.mixed_precision=no"])
+    assert cfg.run.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="run.mixed_precision"):
+        load_config(Config, write(tmp_path, "run:\n  mixed_precision: yes\n"))

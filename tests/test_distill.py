@@ -9,7 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.config import DataConfig
+from common.data import build_splits
 from distill.losses import kd_loss, kd_loss_topk, topk_to_logits
+from distill.task import teacher_test_logits
 from tests.conftest import run_cli
 from tests.test_cache import cache_args, teachers  # noqa: F401 - shared fixture
 from tests.test_train import assert_same_weights, weights
@@ -69,6 +72,37 @@ def test_topk_reconstruction_keeps_the_softmax_on_kept_classes():
     torch.testing.assert_close(
         kd_loss_topk(full, i, v, lse, y, 2.0, 0.7), kd_loss(full, full, y, 2.0, 0.7)
     )
+
+
+class CountingTeacher(torch.nn.Module):
+    """A stand-in ensemble (logits = the first pixels) that counts its forward passes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, images):
+        self.calls += 1
+        return images.flatten(1)[:, :10].float(), None
+
+
+def test_teacher_test_logits_keeps_processes_in_lockstep():
+    """A ZeRO-3 teacher gathers weights collectively in each forward: every process must call
+    it equally often even when the test split does not divide evenly."""
+    test = build_splits(DataConfig(name="digits", image_size=8, pad=0), seed=0).test
+    assert len(test) == 359  # shares of 180 and 179: two and one batches of 179
+    calls, outs = [], []
+    for rank in (0, 1):
+        teacher = CountingTeacher()
+        outs.append(teacher_test_logits(teacher, test, rank, 2, torch.device("cpu"), 179))
+        calls.append(teacher.calls)
+    assert calls == [2, 2]
+    full = torch.stack([test[(s, -1)]["image"] for s in range(len(test))]).flatten(1)[:, :10]
+    for rank, out in enumerate(outs):
+        mine = list(range(rank, len(test), 2))
+        torch.testing.assert_close(out[mine].float(), full[mine].half().float())
+        others = list(range(1 - rank, len(test), 2))
+        assert not out[others].any()  # rows of the other process are left to it
 
 
 DISTILL = [

@@ -47,6 +47,7 @@ def test_two_process_ddp_equals_one_process(tmp_path, accum):
         "train.loop.epochs=1",
         "train.loop.max_steps=3",
         f"train.loop.grad_accum={accum}",
+        "train.loop.log_every=1",
     ]
     run_cli(*args, f"run.out_dir={tmp_path / 'one'}")
     run_cli(*args, f"run.out_dir={tmp_path / 'two'}", processes=2)
@@ -61,6 +62,13 @@ def test_two_process_ddp_equals_one_process(tmp_path, accum):
     assert (m1["world_size"], m2["world_size"]) == (1, 2)
     assert m1["last"]["test_num_samples"] == m2["last"]["test_num_samples"] == 359
     assert abs(m1["last"]["test_acc"] - m2["last"]["test_acc"]) < 1e-6
+    # the logged loss is the global batch's, not rank 0's half of it
+    s1, s2 = (
+        [json.loads(x)["loss"] for x in (tmp_path / f"{r}/train/steps.jsonl").open()]
+        for r in ("one", "two")
+    )
+    assert len(s1) == len(s2) == 3
+    assert all(abs(a - b) < 1e-4 * a for a, b in zip(s1, s2)), (s1, s2)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import torch
 
 from common.checkpoint import model_spec
 from common.config import ConfigError
+from common.distributed import place_frozen
 from common.models import build_model
 from common.runtime import open_stage
 from common.trainer import CrossEntropyTask, Trainer
@@ -30,7 +31,7 @@ STAGE_DIRS = {"cached": "distill", "online": "distill-online", "ce": "distill-ce
 
 def run(cfg) -> dict:
     d = cfg.distill
-    rt = open_stage(cfg, STAGE_DIRS[d.mode])
+    rt = open_stage(cfg, STAGE_DIRS[d.mode], live_teacher=d.mode == "online")
     acc = rt.accelerator
     seed = cfg.run.seed if d.seed is None else d.seed
     try:
@@ -39,22 +40,17 @@ def run(cfg) -> dict:
         task, choose = CrossEntropyTask(d.loop.label_smoothing), None
         if d.mode != "ce":
             ensemble = _teachers(cfg, num_classes, required=d.mode == "online")
+            identities = ensemble.identities if ensemble is not None else None
+            test_logits = None
             if ensemble is not None:
-                ensemble = ensemble.to(acc.device)
-            test_ids = list(range(acc.process_index, len(splits.test), acc.num_processes))
-            test_logits = (
-                teacher_test_logits(ensemble, splits.test, test_ids, acc.device)
-                if ensemble is not None
-                else None
-            )
+                ensemble = place_frozen(ensemble, acc, rt.logger.info)
+                test_logits = teacher_test_logits(
+                    ensemble, splits.test, acc.process_index, acc.num_processes, acc.device
+                )
             if d.mode == "cached":
                 cache = LogitCache(
                     cache_root(cfg),
-                    consumer_expectation(
-                        splits.train,
-                        cfg.cache.views,
-                        ensemble.identities if ensemble is not None else None,
-                    ),
+                    consumer_expectation(splits.train, cfg.cache.views, identities),
                 )
                 splits = dataclasses.replace(splits, train=CachedTargetDataset(splits.train, cache))
                 teacher = CachedTeacher(num_classes)

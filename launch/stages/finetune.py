@@ -13,6 +13,7 @@ import torch
 from common.checkpoint import build_from_spec, load_model
 from common.config import ConfigError
 from common.data import build_splits
+from common.distributed import place_frozen
 from common.runtime import open_stage
 from common.trainer import CrossEntropyTask, Trainer
 from distill.task import KDTask, OnlineTeacher, teacher_test_logits
@@ -36,7 +37,7 @@ def run(cfg, stage: str = "finetune", stage_dir=None) -> dict:
     if fc.scratch_b:
         stage = "scratch_b" if stage == "finetune" else stage
         loop = replace(loop, epochs=scratch_b_epochs(loop.epochs, init.parent / "metrics.json"))
-    rt = open_stage(cfg, stage, stage_dir)
+    rt = open_stage(cfg, stage, stage_dir, live_teacher=fc.teacher is not None)
     try:
         model, spec = load_model(init)
         if fc.scratch_b:
@@ -45,16 +46,18 @@ def run(cfg, stage: str = "finetune", stage_dir=None) -> dict:
             rt.logger.info(f"scratch-B: {loop.epochs} epochs from random init")
         splits = build_splits(cfg.data, cfg.run.seed)
         task = CrossEntropyTask(loop.label_smoothing)
-        if fc.teacher is not None:  # live KD from the unpruned model: frozen, never DDP-wrapped
+        if fc.teacher is not None:  # live KD from the unpruned model
             teacher, teacher_spec = load_model(fc.teacher)
             acc = rt.accelerator
-            ensemble = Ensemble([teacher], [{"spec": teacher_spec}], "logits").to(acc.device)
-            test_ids = list(range(acc.process_index, len(splits.test), acc.num_processes))
+            ensemble = Ensemble([teacher], [{"spec": teacher_spec}], "logits")
+            ensemble = place_frozen(ensemble, acc, rt.logger.info)
             task = KDTask(
                 OnlineTeacher(ensemble),
                 fc.kd_temperature,
                 fc.kd_alpha,
-                teacher_test_logits(ensemble, splits.test, test_ids, acc.device),
+                teacher_test_logits(
+                    ensemble, splits.test, acc.process_index, acc.num_processes, acc.device
+                ),
             )
         trainer = Trainer(
             accelerator=rt.accelerator,
