@@ -18,7 +18,7 @@ import yaml
 from common.distributed import configure_deepspeed
 from common.models import build_model
 from tests.conftest import PY, ROOT, cli_env, free_port
-from tests.test_cache import cache_args, teachers  # noqa: F401 - shared fixture
+from tests.test_cache import DATA, cache_args, teachers  # noqa: F401 - shared fixture
 from tests.test_distill import DISTILL, steps
 from tests.test_train import SMALL, assert_same_weights, weights
 
@@ -283,3 +283,27 @@ def test_zero3_shards_the_live_teacher_and_distills_like_one_process(tmp_path, t
     # the student itself trained under ZeRO-2: one optimizer shard per rank
     ckpt = sorted((zero3 / "checkpoints").glob("ckpt-*"))[-1]
     assert len(list((ckpt / "deepspeed" / "engine").glob("zero_pp_rank_*_optim_states.pt"))) == 2
+
+
+@pytest.mark.slow
+def test_sparsity_trains_under_zero2_with_the_penalty_in_the_loss(tmp_path, teachers):  # noqa: F811
+    args = [
+        "sparsity",
+        "--config",
+        str(ROOT / "configs/quickstart.yaml"),
+        *DATA,
+        f"sparsity.init={teachers[0]}",
+        "sparsity.s=0.05",  # big enough that a dropped penalty moves the gammas by ~1e-2
+        "sparsity.loop.batch_size=32",
+        "sparsity.loop.epochs=1",
+        "sparsity.loop.max_steps=3",
+        "sparsity.loop.optim.lr=0.05",
+        "sparsity.loop.optim.warmup_epochs=0",
+    ]
+    _launch(None, tmp_path / "one", args=args)
+    _launch("deepspeed_zero2.yaml", tmp_path / "zero2", "sparsity.penalty_in_loss=true", args=args)
+    assert_same_weights(
+        weights(tmp_path / "one" / "sparsity"), weights(tmp_path / "zero2" / "sparsity"), atol=2e-4
+    )
+    with pytest.raises(AssertionError, match="sparsity.penalty_in_loss=true"):
+        _launch("deepspeed_zero2.yaml", tmp_path / "refused", args=args)
