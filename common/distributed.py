@@ -202,6 +202,11 @@ def place_frozen(
     cfg = copy.deepcopy(plugins[TEACHER_PLUGIN].deepspeed_config)
     for key in ("optimizer", "scheduler"):
         cfg.pop(key, None)
+    zero = cfg.setdefault("zero_optimization", {})
+    for key in [k for k, v in zero.items() if v == "auto"]:
+        # Hugging Face templates size these from `model.config.hidden_size`, which a CNN has
+        # not: DeepSpeed's own defaults apply instead
+        del zero[key]
     # no training happens: batch keys only satisfy DeepSpeed's consistency check
     cfg.update(
         train_micro_batch_size_per_gpu=1,
