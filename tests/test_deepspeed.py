@@ -247,32 +247,43 @@ def test_deepspeed_bf16_trains_under_torch_autocast(tmp_path, zero2_straight):
     assert max((fp32[k].float() - t.float()).abs().max().item() for k, t in w.items()) > 1e-3
 
 
-@pytest.mark.slow
-def test_zero3_shards_the_live_teacher_and_distills_like_one_process(tmp_path, teachers):  # noqa: F811
-    args = [
+def _online(tmp_path: Path, teachers: list[str]) -> list[str]:  # noqa: F811
+    return [
         "distill",
-        *cache_args(
-            tmp_path,
-            teachers,
-            *DISTILL,
-            "distill.mode=online",
-            "distill.loop.epochs=1",
-            "distill.loop.max_steps=3",
-        ),
+        *cache_args(tmp_path, teachers, *DISTILL, "distill.mode=online", "distill.loop.epochs=1"),
     ]
-    _launch(None, tmp_path / "one", args=args)
-    proc = _launch("deepspeed_zero3.yaml", tmp_path / "zero3", args=args)
+
+
+@pytest.fixture(scope="module")
+def zero3_straight(tmp_path_factory, teachers) -> Path:  # noqa: F811
+    out = tmp_path_factory.mktemp("zero3")
+    args = _online(out, teachers)
+    out.joinpath("stdout").write_text(
+        _launch("deepspeed_zero3.yaml", out, "distill.loop.max_steps=3", args=args).stdout
+    )
+    return out
+
+
+@pytest.mark.slow
+def test_zero3_shards_the_live_teacher_and_distills_like_one_process(
+    tmp_path,
+    teachers,  # noqa: F811
+    zero3_straight,
+):
+    args = _online(tmp_path, teachers)
+    _launch(None, tmp_path / "one", "distill.loop.max_steps=3", args=args)
+    stdout = (zero3_straight / "stdout").read_text()
     shared = re.search(
         r"teacher sharded by ZeRO-3 over 2 processes: this process holds ([\d,]+) of its "
         r"([\d,]+) parameters",
-        proc.stdout + proc.stderr,
+        stdout,
     )
-    assert shared, proc.stdout[-3000:]
+    assert shared, stdout[-3000:]
     local, total = (int(g.replace(",", "")) for g in shared.groups())
     assert total == 2 * sum(p.numel() for p in build_model("cifar_resnet20", 10).parameters())
     assert local <= total / 2 * 1.01  # rank 0 keeps its half (plus alignment padding)
 
-    one, zero3 = tmp_path / "one" / "distill-online", tmp_path / "zero3" / "distill-online"
+    one, zero3 = tmp_path / "one" / "distill-online", zero3_straight / "distill-online"
     # the sharded ensemble computes the same soft targets: same teacher accuracy, same KL
     a, b = _metrics(one)["last"], _metrics(zero3)["last"]
     assert a["test_teacher_acc"] == b["test_teacher_acc"]
@@ -283,6 +294,18 @@ def test_zero3_shards_the_live_teacher_and_distills_like_one_process(tmp_path, t
     # the student itself trained under ZeRO-2: one optimizer shard per rank
     ckpt = sorted((zero3 / "checkpoints").glob("ckpt-*"))[-1]
     assert len(list((ckpt / "deepspeed" / "engine").glob("zero_pp_rank_*_optim_states.pt"))) == 2
+
+
+@pytest.mark.slow
+def test_zero3_online_distill_resumes_exactly(tmp_path, teachers, zero3_straight):  # noqa: F811
+    args = [*_online(tmp_path, teachers), "distill.loop.checkpoint_every_steps=1"]
+    _launch("deepspeed_zero3.yaml", tmp_path, "distill.loop.max_steps=2", args=args)
+    proc = _launch("deepspeed_zero3.yaml", tmp_path, "distill.loop.max_steps=3", args=args)
+    assert "resumed from" in proc.stdout and "ckpt-000000002" in proc.stdout, proc.stdout
+    # student weights and ZeRO-2 optimizer shards came back; the teacher is rebuilt from disk
+    assert_same_weights(
+        weights(zero3_straight / "distill-online"), weights(tmp_path / "distill-online"), atol=0
+    )
 
 
 @pytest.mark.slow
