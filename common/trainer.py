@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, broadcast_object_list
 from torch import nn
 
 from common.checkpoint import SHARDED_DIR, CheckpointManager, save_model
@@ -167,7 +167,7 @@ class Trainer:
         with torch.no_grad():
             for batch in loader:
                 batch = self._to_device(batch)
-                with self.acc.autocast():
+                with self._autocast():
                     logits = model(batch["image"]).float()
                 terms = {
                     "correct": (logits.argmax(1) == batch["label"]).sum().float(),
@@ -240,7 +240,7 @@ class Trainer:
                 # the engine owns accumulation: it divides by its gradient_accumulation_steps
                 # (= grad_accum) and reduces at the boundary we mark
                 self.model.set_gradient_accumulation_boundary(sync)
-                with self.acc.autocast():
+                with self._autocast():
                     terms = self.task.losses(self.model, batch)
                 self.model.backward(terms["loss"])
             else:
@@ -250,7 +250,7 @@ class Trainer:
                     self.acc.backward(terms["loss"] / accum)
             for k, v in terms.items():
                 logs[k] = logs.get(k, 0.0) + float(v.detach()) / accum
-        if self.acc.mixed_precision == "fp16" and not self.deepspeed:
+        if self.acc.mixed_precision == "fp16":  # never under DeepSpeed (refused there)
             self.acc.unscale_gradients()
         logs.update(self.task.after_backward(self.unwrapped))
         if self.deepspeed:
@@ -342,8 +342,26 @@ class Trainer:
 
     # -- helpers ------------------------------------------------------------------------------
 
+    def _autocast(self):
+        """The forward precision of `run.mixed_precision`. accelerate's autocast does nothing
+        under DeepSpeed, whose engine applies `torch_autocast` inside its own forward only:
+        evaluation of the unwrapped model and a live teacher beside the engine need it too."""
+        if self.deepspeed:
+            bf16 = self.acc.mixed_precision == "bf16"
+            return torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=bf16)
+        return self.acc.autocast()
+
+    def _latest_checkpoint(self) -> Path | None:
+        """Rank 0 checksums the candidates and tells the others which one to load: the files
+        (every rank's ZeRO shard included) are read once, not once per rank, and every rank
+        resumes from the same step."""
+        found = [str(self.ckpt.latest() or "") if self.acc.is_main_process else ""]
+        if self.acc.num_processes > 1:
+            broadcast_object_list(found)
+        return Path(found[0]) if found[0] else None
+
     def _resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Path | None:
-        path = self.ckpt.latest() if self.loop.resume else None
+        path = self._latest_checkpoint() if self.loop.resume else None
         if path is None:
             return None
         blob = CheckpointManager.load(path)
@@ -368,11 +386,10 @@ class Trainer:
                 "under DeepSpeed the L1 subgradient cannot be added after backward (ZeRO "
                 "partitions the gradients): set sparsity.penalty_in_loss=true"
             )
-        procs, accum = self.acc.num_processes, self.loop.grad_accum
         configure_deepspeed(
             self.acc,
-            micro_batch=self.loop.batch_size // (procs * accum),
-            grad_accum=accum,
+            micro_batch=self.sampler.micro,
+            grad_accum=self.loop.grad_accum,
             global_batch=self.loop.batch_size,
             clip_grad_norm=self.loop.optim.clip_grad_norm,
         )

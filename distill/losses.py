@@ -15,16 +15,29 @@ import torch
 import torch.nn.functional as F
 
 
-def _fp32(x: torch.Tensor) -> torch.Tensor:
-    return x.float()
-
-
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
     """KL(softmax(t/T) || softmax(s/T)), summed over classes, mean over the batch."""
     with torch.autocast(student_logits.device.type, enabled=False):
-        s = F.log_softmax(_fp32(student_logits) / T, dim=-1)
-        t = F.log_softmax(_fp32(teacher_logits) / T, dim=-1)
+        s = F.log_softmax(student_logits.float() / T, dim=-1)
+        t = F.log_softmax(teacher_logits.float() / T, dim=-1)
         return F.kl_div(s, t, reduction="batchmean", log_target=True)
+
+
+def kd_terms(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    T: float,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, kl, ce), each computed once: loss = alpha * T^2 * kl + (1 - alpha) * ce, with
+    kl = `soft_kl(student, teacher, T)` (not T^2-scaled) and ce = CE(s, labels)."""
+    with torch.autocast(student_logits.device.type, enabled=False):
+        ce = F.cross_entropy(student_logits.float(), labels)
+        kl = soft_kl(student_logits, teacher_logits, T)
+        if alpha == 0:
+            return ce, kl, ce
+        return alpha * T * T * kl + (1 - alpha) * ce, kl, ce
 
 
 def kd_loss(
@@ -35,11 +48,7 @@ def kd_loss(
     alpha: float,
 ) -> torch.Tensor:
     """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, labels)."""
-    with torch.autocast(student_logits.device.type, enabled=False):
-        ce = F.cross_entropy(_fp32(student_logits), labels)
-        if alpha == 0:
-            return ce
-        return alpha * T * T * soft_kl(student_logits, teacher_logits, T) + (1 - alpha) * ce
+    return kd_terms(student_logits, teacher_logits, labels, T, alpha)[0]
 
 
 def topk_to_logits(

@@ -15,7 +15,7 @@ from torch import nn
 from common.data import ViewDataset
 from common.data.seeding import mix
 from distill.cache import LogitCache
-from distill.losses import kd_loss, soft_kl, topk_to_logits
+from distill.losses import kd_terms, soft_kl, topk_to_logits
 from distill.teachers import Ensemble
 
 _CHOICE_SALT = 0xC40
@@ -88,10 +88,8 @@ class KDTask:
     def losses(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         logits = model(batch["image"])
         t = self.teacher.targets(batch)
-        with torch.no_grad():
-            kl = soft_kl(logits.detach(), t, self.T)
-            ce = nn.functional.cross_entropy(logits.detach().float(), batch["label"])
-        return {"loss": kd_loss(logits, t, batch["label"], self.T, self.alpha), "kl": kl, "ce": ce}
+        loss, kl, ce = kd_terms(logits, t, batch["label"], self.T, self.alpha)
+        return {"loss": loss, "kl": kl.detach(), "ce": ce.detach()}
 
     def after_backward(self, model: nn.Module) -> dict[str, float]:
         return {}

@@ -40,14 +40,15 @@ def run(cfg) -> dict:
         task, choose = CrossEntropyTask(d.loop.label_smoothing), None
         if d.mode != "ce":
             ensemble = _teachers(cfg, num_classes, required=d.mode == "online")
-            identities = ensemble.identities if ensemble is not None else None
-            test_logits = None
+            identities = test_logits = None
             if ensemble is not None:
+                identities = ensemble.identities
                 ensemble = place_frozen(ensemble, acc, rt.logger.info)
                 test_logits = teacher_test_logits(
                     ensemble, splits.test, acc.process_index, acc.num_processes, acc.device
                 )
             if d.mode == "cached":
+                ensemble = None  # identities and test logits were all it was needed for
                 cache = LogitCache(
                     cache_root(cfg),
                     consumer_expectation(splits.train, cfg.cache.views, identities),
