@@ -133,7 +133,7 @@ phase bench_cache 150 bash -c "$PY bench/bench_cache.py --data-root $WORK/cifar1
 phase bench_distill 150 bash -c "$PY bench/bench_distill.py --data-root $WORK/cifar10 \
     --samples 2048 --steps 20 --student cifar_vgg11 > $OUT/bench_distill.json"
 
-if want pytest_gpu && "$PY" -m pytest -q -m gpu --collect-only >/dev/null 2>&1 &&
+if want pytest_gpu &&
     [ "$("$PY" -m pytest -q -m gpu --collect-only 2>/dev/null | grep -c '::')" -gt 0 ]; then
     phase pytest_gpu 240 "$PY" -m pytest -q -m gpu
 else

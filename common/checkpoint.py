@@ -65,7 +65,8 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def _atomic_dir(final: Path) -> Path:
+def atomic_dir(final: Path) -> Path:
+    """A fresh temp dir next to `final` (`.<name>.tmp-<pid>`); `commit_dir` renames it."""
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -73,7 +74,8 @@ def _atomic_dir(final: Path) -> Path:
     return tmp
 
 
-def _commit_dir(tmp: Path, final: Path) -> None:
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Replace `final` (if any) with the finished temp dir `tmp`."""
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -87,9 +89,9 @@ def write_model_files(directory: Path, model: nn.Module, spec: dict) -> None:
 def save_model(directory: str | Path, model: nn.Module, spec: dict) -> Path:
     """Write weights + spec into `directory` atomically."""
     final = Path(directory)
-    tmp = _atomic_dir(final)
+    tmp = atomic_dir(final)
     write_model_files(tmp, model, spec)
-    _commit_dir(tmp, final)
+    commit_dir(tmp, final)
     return final
 
 
@@ -107,9 +109,10 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict]:
     return model, spec
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with Path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -119,7 +122,7 @@ def write_manifest(directory: Path) -> None:
     """Record size and SHA-256 of every file under `directory`; written last."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
     entries = {
-        str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
         for p in files
     }
     (directory / MANIFEST_FILE).write_text(json.dumps({"files": entries}, indent=1))
@@ -137,7 +140,7 @@ def verify_manifest(directory: Path) -> str | None:
             return f"{rel} is missing"
         if p.stat().st_size != want["size"]:
             return f"{rel} has {p.stat().st_size} bytes, the manifest says {want['size']}"
-        if _sha256(p) != want["sha256"]:
+        if file_sha256(p) != want["sha256"]:
             return f"{rel} does not match its SHA-256 in the manifest"
     return None
 
@@ -148,7 +151,8 @@ class CheckpointManager:
     def __init__(self, root: str | Path, keep: int, is_main: bool):
         self.root, self.keep, self.is_main = Path(root), max(1, keep), is_main
 
-    def _complete(self) -> list[Path]:
+    def complete(self) -> list[Path]:
+        """Checkpoint dirs with a manifest, oldest first (files not verified)."""
         if not self.root.is_dir():
             return []
         # Temp dirs start with "." and never match; the manifest is the completion marker.
@@ -163,7 +167,7 @@ class CheckpointManager:
 
     def latest(self) -> Path | None:
         """The newest checkpoint whose files match its manifest (corrupt ones are skipped)."""
-        for path in reversed(self._complete()):
+        for path in reversed(self.complete()):
             problem = verify_manifest(path)
             if problem is None:
                 return path
@@ -192,7 +196,7 @@ class CheckpointManager:
         if sharded is None:
             if not self.is_main:
                 return
-            tmp = _atomic_dir(final)
+            tmp = atomic_dir(final)
         else:
             assert barrier is not None, "a sharded checkpoint needs a barrier"
             tmp = final.with_name(f".{final.name}.tmp-sharded")
@@ -216,8 +220,8 @@ class CheckpointManager:
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         # Written last: its presence marks the directory complete even before the rename.
         write_manifest(tmp)
-        _commit_dir(tmp, final)
-        for old in self._complete()[: -self.keep]:
+        commit_dir(tmp, final)
+        for old in self.complete()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         # temp dirs of writers that were killed mid-write (other pids)
         for stale in self.root.glob(f".{_CKPT_PREFIX}*.tmp-*"):

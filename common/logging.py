@@ -19,13 +19,19 @@ from tqdm.auto import tqdm
 from common.config import LoggingConfig
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` under a temporary name, then rename: readers never see half a file."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, p)
+
+
 def write_json(path: str | Path, data: Any) -> None:
-    """Atomic JSON write: readers never see half a file."""
+    """Atomic JSON write (parent directories created): readers never see half a file."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, p)
+    write_text_atomic(p, json.dumps(data, indent=1, default=str))
 
 
 class NullLogger:

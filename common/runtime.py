@@ -5,11 +5,13 @@ Created once at the top of a stage; rank-0-only objects (the real logger) are de
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
 
+from common.checkpoint import CheckpointManager
 from common.config import save_config, to_dict
 from common.distributed import build_accelerator, seed_everything
 from common.logging import NullLogger, RunLogger
@@ -59,10 +61,9 @@ def open_stage(
 
 def _stored_wandb_id(stage_dir: Path) -> str | None:
     """A restarted stage continues the wandb run of its newest checkpoint."""
-    import json
-
-    # complete checkpoints only (the manifest is written last; see common/checkpoint.py)
-    ckpts = sorted((stage_dir / "checkpoints").glob("ckpt-*/manifest.json"))
+    # complete checkpoints only (the manifest is written last), listed without hashing;
+    # read-only: keep and is_main are unused by `complete()`
+    ckpts = CheckpointManager(stage_dir / "checkpoints", keep=1, is_main=False).complete()
     if not ckpts:
         return None
-    return json.loads((ckpts[-1].parent / "trainer_state.json").read_text()).get("wandb_id")
+    return json.loads((ckpts[-1] / "trainer_state.json").read_text()).get("wandb_id")

@@ -7,24 +7,15 @@ offline cache writer, the cache verifier and online distillation, so the three c
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from common.checkpoint import MODEL_FILE, load_model, model_spec
+from common.checkpoint import MODEL_FILE, file_sha256, load_model, model_spec
 from common.models import build_model
 from distill.config import TeacherConfig
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def combine(logits: torch.Tensor, mode: str) -> torch.Tensor:

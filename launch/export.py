@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
 
 import torch
 
-from common.checkpoint import MODEL_FILE, SPEC_FILE, load_model
+from common.checkpoint import MODEL_FILE, SPEC_FILE, atomic_dir, commit_dir, load_model
 from common.config import save_config
 from common.data import build_splits
 from common.logging import write_json
@@ -47,9 +46,8 @@ def export_student(cfg, model_dir: Path, out: Path) -> dict:
     with torch.inference_mode():
         ref, ref_other = model(x), model(x_other)
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "model").mkdir(parents=True)
+    tmp = atomic_dir(out)
+    (tmp / "model").mkdir()
     for f in (MODEL_FILE, SPEC_FILE):
         shutil.copy2(model_dir / f, tmp / "model" / f)
     save_config(cfg, tmp / "config.yaml")  # what the pipeline's completion check compares
@@ -79,8 +77,8 @@ def export_student(cfg, model_dir: Path, out: Path) -> dict:
         "preprocess": preprocess,
         "atol": p.export_atol,
         "files": {
-            "safetensors": "model/model.safetensors",
-            "spec": "model/model.json",
+            "safetensors": f"model/{MODEL_FILE}",
+            "spec": f"model/{SPEC_FILE}",
             "torchscript": "model.torchscript.pt",
             "onnx": "model.onnx",
         },
@@ -88,9 +86,7 @@ def export_student(cfg, model_dir: Path, out: Path) -> dict:
         "ok": all(c["ok"] for c in checks.values()),
     }
     write_json(tmp / "export.json", result)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    commit_dir(tmp, out)
     if not result["ok"]:
         raise RuntimeError(f"export check failed: {json.dumps(checks)} (see {out}/export.json)")
     return result

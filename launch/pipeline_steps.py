@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from common.checkpoint import MODEL_FILE, SPEC_FILE
 from common.config import to_dict
 from distill.cache.setup import cache_root
 from launch.pipeline_config import PIPELINE_STEPS
@@ -80,12 +81,12 @@ def final_student_dir(cfg) -> Path:
     """The model the pipeline exports: finetune's if it exists, else the KD student's."""
     out = Path(cfg.run.out_dir)
     for sub in ("finetune", "distill"):
-        if (out / sub / "model" / "model.safetensors").is_file():
+        if (out / sub / "model" / MODEL_FILE).is_file():
             return out / sub / "model"
     raise FileNotFoundError(f"no student model in {out}/finetune/model or {out}/distill/model")
 
 
-MODEL = ("model/model.safetensors", "model/model.json")
+MODEL = (f"model/{MODEL_FILE}", f"model/{SPEC_FILE}")
 STEPS: tuple[Step, ...] = (
     Step("train", "train", _out("train"), ("metrics.json", *MODEL), ("run", "data", "train"), ()),
     Step(
@@ -166,6 +167,10 @@ STEPS: tuple[Step, ...] = (
         PIPELINE_STEPS[: PIPELINE_STEPS.index("report")],  # the report reads every step before it
         keep_stale=False,
     ),
+)
+assert tuple(s.name for s in STEPS) == PIPELINE_STEPS, (
+    "launch.pipeline_steps.STEPS and launch.pipeline_config.PIPELINE_STEPS disagree: "
+    f"{[s.name for s in STEPS]} vs {list(PIPELINE_STEPS)}"
 )
 BY_NAME = {s.name: s for s in STEPS}
 

@@ -42,8 +42,8 @@ def stage_metrics(cfg) -> dict[str, dict | None]:
     return {k: read_json(p) for k, p in files.items()}
 
 
-def collect(cfg) -> dict:
-    m = stage_metrics(cfg)
+def collect(cfg, m: dict[str, dict | None]) -> dict:
+    """The report from `m`, the `stage_metrics(cfg)` of the same run."""
     manifest, kd, prune = m["manifest"] or {}, m["distill"], m["prune"]
     before, after = (prune or {}).get("before") or {}, (prune or {}).get("after") or {}
     return {
@@ -134,9 +134,9 @@ def _teachers(cfg, manifest: dict) -> list[dict]:
     return out
 
 
-def histories(cfg) -> dict[str, list[dict]]:
-    """Per-epoch test accuracy of every trained student, for the accuracy-curve figure."""
-    m = stage_metrics(cfg)
+def histories(m: dict[str, dict | None]) -> dict[str, list[dict]]:
+    """Per-epoch test accuracy of every trained student, for the accuracy-curve figure, from
+    `m`, the run's `stage_metrics`."""
     names = {
         "distill-ce": "student CE",
         "distill": "student KD",

@@ -7,6 +7,5 @@ One job per module, none of which touches processes (the stages in `launch/stage
 - `shrink`: coupling (Torch-Pruning's DependencyGraph), act(beta) folding, physical removal;
 - `measure`: parameters, MACs/FLOPs, CPU latency;
 - `plots`: |gamma| histograms and kept-width bars;
-- `kd`: live-teacher KD for fine-tuning;
 - `config`: the `sparsity`, `prune` and `finetune` config sections.
 """

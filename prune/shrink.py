@@ -233,15 +233,15 @@ def shrink(
             raise RuntimeError(f"pruning {name} would remove every channel of a coupled layer")
         for item in group:
             m, idxs = item.dep.target.module, list(item.idxs)
+            gone = set(idxs)
             if isinstance(m, _BatchNorm) and names.get(m) in keep:
                 n = names[m]
                 if keep[n][idxs].any():
                     raise RuntimeError(f"coupled masks disagree at {n}: a kept channel is in group")
-                keep[n] = keep[n][[i for i in range(len(keep[n])) if i not in set(idxs)]]
+                keep[n] = keep[n][[i for i in range(len(keep[n])) if i not in gone]]
             elif m in consts and dg.is_in_channel_pruning_fn(item.dep.handler):
                 if not _is_depthwise(m):
                     _fold(dg, names, m, idxs, consts, report)
-                gone = set(idxs)
                 consts[m] = consts[m][[i for i in range(len(consts[m])) if i not in gone]]
         group.prune()
         report["groups"] += 1

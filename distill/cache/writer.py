@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from common.checkpoint import file_sha256
 from common.data import ViewDataset, make_loader
 from common.logging import NullLogger, write_json
 from distill.cache.layout import (
@@ -32,7 +33,7 @@ from distill.cache.layout import (
     row_keys,
     shard_name,
 )
-from distill.teachers import Ensemble, file_sha256
+from distill.teachers import Ensemble
 
 datasets.disable_progress_bars()
 
@@ -119,16 +120,17 @@ class ShardWriter:
             part = parts_dir / f"part-{p:05d}"
             end = min(start + self.part_rows, hi)
             if not (part / "stats.json").is_file():
-                self._write_part(part, start, end, bar)
+                stats.append(self._write_part(part, start, end, bar))
             else:
                 bar.update(end - start)
-            stats.append(read_json(part / "stats.json"))
+                stats.append(read_json(part / "stats.json"))
         bar.close()
         return self._finalise(
             index, name, lo, hi, [parts_dir / f"part-{p:05d}" for p in range(len(starts))], stats
         )
 
-    def _write_part(self, part: Path, start: int, end: int, bar) -> None:
+    def _write_part(self, part: Path, start: int, end: int, bar) -> dict:
+        """Write one part; returns the stats it recorded in its stats.json."""
         sample_ids, view_ids = row_keys(start, end, self.views)
         keys = list(zip(sample_ids.tolist(), view_ids.tolist()))
         bs = self.plan.batch_size
@@ -153,17 +155,16 @@ class ShardWriter:
         shutil.rmtree(tmp, ignore_errors=True)
         datasets.Dataset(table).save_to_disk(str(tmp))
         n = len(self.ensemble.teachers)
-        write_json(
-            tmp / "stats.json",
-            {
-                "rows": end - start,
-                "teacher_correct": counts[:n].tolist(),
-                "ensemble_correct": int(counts[n]),
-                "count": int(counts[n + 1]),
-            },
-        )
+        stats = {
+            "rows": end - start,
+            "teacher_correct": counts[:n].tolist(),
+            "ensemble_correct": int(counts[n]),
+            "count": int(counts[n + 1]),
+        }
+        write_json(tmp / "stats.json", stats)
         part.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, part)
+        return stats
 
     def _encode(self, batch: dict, target: torch.Tensor, per: torch.Tensor) -> dict:
         cols = {

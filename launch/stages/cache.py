@@ -22,10 +22,13 @@ def run(cfg) -> dict:
         num_shards, mine = shard_assignment(cfg, acc.process_index, acc.num_processes)
         spec = build_spec(dataset=dataset, ensemble=ensemble, cfg=cfg, seed=cfg.run.seed)
         spec["layout"]["num_shards"] = num_shards
+        # main writes (or checks) spec.json first; then every other process (and array task)
+        # checks it resumes the same cache
         if rt.is_main:
             claim_spec(root, spec)
         acc.wait_for_everyone()
-        claim_spec(root, spec)  # every process (and array task) checks it resumes the same cache
+        if not rt.is_main:
+            claim_spec(root, spec)
         plan = ShardPlan(len(dataset) * cfg.cache.views, cfg.cache.batch_size, num_shards)
         writer = ShardWriter(
             root=root,

@@ -16,8 +16,9 @@ from common.data import build_splits
 from common.distributed import place_frozen
 from common.runtime import open_stage
 from common.trainer import CrossEntropyTask, Trainer
+from distill.config import TeacherConfig
 from distill.task import KDTask, OnlineTeacher, teacher_test_logits
-from distill.teachers import Ensemble
+from distill.teachers import build_ensemble
 
 
 def scratch_b_epochs(epochs: int, prune_metrics: Path) -> int:
@@ -47,9 +48,10 @@ def run(cfg, stage: str = "finetune", stage_dir=None) -> dict:
         splits = build_splits(cfg.data, cfg.run.seed)
         task = CrossEntropyTask(loop.label_smoothing)
         if fc.teacher is not None:  # live KD from the unpruned model
-            teacher, teacher_spec = load_model(fc.teacher)
             acc = rt.accelerator
-            ensemble = Ensemble([teacher], [{"spec": teacher_spec}], "logits")
+            ensemble = build_ensemble(
+                [TeacherConfig(path=fc.teacher)], splits.num_classes, "logits"
+            )
             ensemble = place_frozen(ensemble, acc, rt.logger.info)
             task = KDTask(
                 OnlineTeacher(ensemble),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -110,7 +109,7 @@ def run(cfg, stage: str = "prune", stage_dir=None) -> dict:
             "source": str(init),
         }
         if rt.is_main:
-            save_model(rt.stage_dir / "model", pruned, {**spec, "widths": model_widths(pruned)})
+            save_model(rt.stage_dir / "model", pruned, round_spec)
             widths_plot(per_layer, rt.stage_dir / "widths.png", f"kept channels ({init})")
             rt.logger.log_image("prune/widths", rt.stage_dir / "widths.png")
             write_json(rt.stage_dir / "metrics.json", metrics)
@@ -201,14 +200,14 @@ def _finetune_round(cfg, rt, model, spec, splits, directory: Path) -> nn.Module:
     it = cfg.prune.iterative
     task = CrossEntropyTask(it.loop.label_smoothing)
     if it.s > 0:
-        task = SparsityTask(task, s=it.s, total_steps=1, steps_per_epoch=1 << 30)
+        task = SparsityTask(task, s=it.s, total_steps=1, steps_per_epoch=1)
     if rt.is_main:
         directory.mkdir(parents=True, exist_ok=True)
     rt.accelerator.wait_for_everyone()
     trainer = Trainer(
         accelerator=rt.accelerator,
         run=cfg.run,
-        loop=replace(it.loop),
+        loop=it.loop,
         model=model,
         spec=spec,
         splits=splits,

@@ -3,27 +3,25 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from common.logging import write_json
+from common.logging import write_json, write_text_atomic
 from common.runtime import open_stage
-from launch.report_data import collect, histories
+from launch.report_data import collect, histories, stage_metrics
 from launch.report_render import collect_figures, markdown, results_table
 
 
 def run(cfg, show: bool = True) -> dict:
     rt = open_stage(cfg, "report")
     try:
-        report = collect(cfg)
+        metrics = stage_metrics(cfg)  # every stage's output files, read once
+        report = collect(cfg, metrics)
         if rt.is_main:
             out = Path(cfg.run.out_dir)
-            figures = collect_figures(out, rt.stage_dir, histories(cfg))
+            figures = collect_figures(out, rt.stage_dir, histories(metrics))
             report["figures"] = {k: str(p) for k, p in figures.items()}
             md = out / "report.md"
-            tmp = md.with_name(f".{md.name}.tmp-{os.getpid()}")
-            tmp.write_text(markdown(report, figures, md))
-            os.replace(tmp, md)
+            write_text_atomic(md, markdown(report, figures, md))
             for key, path in figures.items():
                 rt.logger.log_image(f"report/{key}", path)
             write_json(out / "report.json", report)  # last: the step's completion marker
