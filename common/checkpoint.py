@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.models import build_model
+from common.precision import match_state_precision
 
 MODEL_FILE, SPEC_FILE = "model.safetensors", "model.json"
 _CKPT_PREFIX = "ckpt-"
@@ -105,7 +106,8 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict]:
         )
     spec = json.loads((d / SPEC_FILE).read_text())
     model = build_from_spec(spec)
-    model.load_state_dict(load_file(str(d / MODEL_FILE)))
+    state = load_file(str(d / MODEL_FILE))
+    match_state_precision(model, state).load_state_dict(state)
     return model, spec
 
 

@@ -43,6 +43,19 @@ class RunConfig:
     """torch.use_deterministic_algorithms(True): bit-reproducible runs at some speed cost."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision for the student; losses are always computed in float32."""
+    channels_last: bool = False
+    """NHWC memory format for the trained model and its images: ~1.4x faster convolutions with
+    oneDNN on CPU (measured, BENCHMARKS.md) and with cuDNN on tensor-core GPUs."""
+    dtype: Literal["float32", "float64"] = "float32"
+    """Parameter and arithmetic precision. float64 is a debugging and testing mode (several
+    times slower): N processes then equal one process to ~1e-12 (see common/precision.py)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype == "float64" and self.mixed_precision != "no":
+            raise ConfigError(
+                f"`run.dtype: float64` runs everything in float64; it cannot be combined with "
+                f"`run.mixed_precision: {self.mixed_precision}` (set it to no)"
+            )
 
 
 @dataclass(kw_only=True)

@@ -82,6 +82,9 @@ def convert_allreduce_batchnorm(module: nn.Module) -> nn.Module:
             module.affine,
             module.track_running_stats,
         )
+        ref = module.running_mean if module.weight is None else module.weight
+        if ref is not None:  # same device and precision (float64 in the testing mode)
+            new = new.to(ref.device, ref.dtype)
         new.load_state_dict(module.state_dict())
         new.train(module.training)
         return new

@@ -29,6 +29,7 @@ from common.data.loader import ViewChooser
 from common.distributed import configure_deepspeed, synchronise_batchnorm
 from common.logging import NullLogger, write_json
 from common.optim import build_optimizer, lr_at, set_lr
+from common.precision import DTYPES, at_least_float32, cast_floating
 
 
 class Task(Protocol):
@@ -58,7 +59,9 @@ class CrossEntropyTask:
 
     def losses(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         logits = model(batch["image"])
-        ce = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
+        ce = F.cross_entropy(
+            at_least_float32(logits), batch["label"], label_smoothing=self.label_smoothing
+        )
         return {"loss": ce, "ce": ce}
 
     def after_backward(self, model: nn.Module) -> dict[str, float]:
@@ -121,6 +124,10 @@ class Trainer:
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         if self.deepspeed:
             self._configure_deepspeed()
+        self.dtype = DTYPES[run.dtype]
+        self.memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
+        # before the optimizer: its state follows the parameters
+        model = model.to(dtype=self.dtype, memory_format=self.memory_format)
         if loop.sync_bn:
             model = synchronise_batchnorm(model, accelerator)
         optimizer = build_optimizer(model, loop.optim)
@@ -168,19 +175,19 @@ class Trainer:
             for batch in loader:
                 batch = self._to_device(batch)
                 with self._autocast():
-                    logits = model(batch["image"]).float()
+                    logits = at_least_float32(model(batch["image"]))
                 terms = {
-                    "correct": (logits.argmax(1) == batch["label"]).sum().float(),
+                    "correct": (logits.argmax(1) == batch["label"]).sum(),
                     "loss": F.cross_entropy(logits, batch["label"], reduction="sum"),
-                    "count": torch.tensor(float(len(logits)), device=logits.device),
+                    "count": torch.tensor(len(logits), device=logits.device),
                     **self.task.eval_terms(logits, batch),
                 }
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float()
+                for k, v in terms.items():  # float64 sums: counts stay exact at any size
+                    sums[k] = sums.get(k, 0) + v.detach().double()
         model.train(was_training)
         keys = sorted(sums) if sums else ["correct", "loss", "count"]
         vec = torch.stack(
-            [torch.as_tensor(sums.get(k, 0.0), device=self.acc.device).float() for k in keys]
+            [torch.as_tensor(sums.get(k, 0.0), device=self.acc.device).double() for k in keys]
         )
         vec = self.acc.reduce(vec, reduction="sum")
         total = dict(zip(keys, vec.tolist()))
@@ -275,7 +282,7 @@ class Trainer:
         keys = sorted(values)
         if not keys or self.acc.num_processes == 1:
             return values
-        vec = torch.tensor([values[k] for k in keys], device=self.acc.device)
+        vec = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.acc.device)
         return dict(zip(keys, self.acc.reduce(vec, reduction="mean").tolist()))
 
     def _end_epoch(self, start: float) -> None:
@@ -411,10 +418,9 @@ class Trainer:
                 signal.signal(sig, request_stop)
 
     def _to_device(self, batch: dict) -> dict:
-        return {
-            k: v.to(self.acc.device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()
-        }
+        batch = cast_floating(batch, self.dtype, self.acc.device)
+        batch["image"] = batch["image"].contiguous(memory_format=self.memory_format)
+        return batch
 
     def _eval_batch_size(self) -> int:
         return max(1, self.loop.batch_size // self.acc.num_processes)

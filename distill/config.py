@@ -47,6 +47,9 @@ class CacheConfig:
     """Classes kept per row with storage=topk."""
     ensemble: Literal["probs", "logits"] = "probs"
     """Average teachers in probability space (stored as log of the mean probability) or logits."""
+    logit_dtype: Literal["float16", "float32", "float64"] = "float16"
+    """Storage precision of logits (float16: 2 bytes per class, relative rounding 4.9e-4;
+    float64 with `run.dtype: float64` makes cached targets equal live ones, for tests)."""
     per_teacher: bool = False
     """Also store every teacher's full float16 logits (column t<i>_logits)."""
     batch_size: int = 256

@@ -1,4 +1,4 @@
-"""Knowledge-distillation losses (Hinton et al. 2015), computed in float32.
+"""Knowledge-distillation losses (Hinton et al. 2015), computed in at least float32.
 
 KL uses `batchmean` reduction: the sum over classes, averaged over the batch, which is the
 actual KL divergence. `nn.KLDivLoss()`'s default element mean also divides by the class count
@@ -14,12 +14,15 @@ import math
 import torch
 import torch.nn.functional as F
 
+from common.precision import at_least_float32
+
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
-    """KL(softmax(t/T) || softmax(s/T)), summed over classes, mean over the batch."""
+    """KL(softmax(t/T) || softmax(s/T)), summed over classes, mean over the batch; in the
+    student's precision, at least float32 (soft targets read as float16 are promoted)."""
     with torch.autocast(student_logits.device.type, enabled=False):
-        s = F.log_softmax(student_logits.float() / T, dim=-1)
-        t = F.log_softmax(teacher_logits.float() / T, dim=-1)
+        s = F.log_softmax(at_least_float32(student_logits) / T, dim=-1)
+        t = F.log_softmax(teacher_logits.to(s.dtype) / T, dim=-1)
         return F.kl_div(s, t, reduction="batchmean", log_target=True)
 
 
@@ -33,7 +36,7 @@ def kd_terms(
     """(loss, kl, ce), each computed once: loss = alpha * T^2 * kl + (1 - alpha) * ce, with
     kl = `soft_kl(student, teacher, T)` (not T^2-scaled) and ce = CE(s, labels)."""
     with torch.autocast(student_logits.device.type, enabled=False):
-        ce = F.cross_entropy(student_logits.float(), labels)
+        ce = F.cross_entropy(at_least_float32(student_logits), labels)
         kl = soft_kl(student_logits, teacher_logits, T)
         if alpha == 0:
             return ce, kl, ce
@@ -62,10 +65,10 @@ def topk_to_logits(
     right total tail mass; at other temperatures it is the temperature applied to that
     reconstruction (the tail's internal shape is unknown, so it stays flat).
     """
-    vals = topk_val.float()
-    lse = lse.float()[:, None]
+    vals = at_least_float32(topk_val)
+    lse = lse.to(vals.dtype)[:, None]
     k = vals.shape[1]
-    out = torch.empty(vals.shape[0], num_classes, dtype=torch.float32, device=vals.device)
+    out = torch.empty(vals.shape[0], num_classes, dtype=vals.dtype, device=vals.device)
     if k < num_classes:
         kept = torch.exp(vals - lse).sum(1, keepdim=True).clamp(max=1.0)
         tail = (1.0 - kept).clamp(min=1e-12)

@@ -113,6 +113,7 @@ def teacher_test_logits(
     world: int,
     device: torch.device,
     batch_size: int = 256,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Ensemble logits on the plain test views of this process's evaluation share (every
     `world`-th sample from `rank`), computed once so every epoch's agreement metric costs
@@ -127,7 +128,7 @@ def teacher_test_logits(
     with torch.no_grad():  # not inference_mode: ZeRO-3 swaps gathered weights into parameters
         for start in range(0, share, batch_size):
             chunk = ids[start : start + batch_size] or ids[-batch_size:] or [0]
-            images = torch.stack([test[(s, -1)]["image"] for s in chunk]).to(device)
+            images = torch.stack([test[(s, -1)]["image"] for s in chunk]).to(device, dtype)
             logits = teacher(images)[0]
             if start < len(ids):
                 out[chunk] = logits.cpu().half()

@@ -15,6 +15,7 @@ from torch import nn
 
 from common.checkpoint import MODEL_FILE, file_sha256, load_model, model_spec
 from common.models import build_model
+from common.precision import at_least_float32
 from distill.config import TeacherConfig
 
 
@@ -24,7 +25,7 @@ def combine(logits: torch.Tensor, mode: str) -> torch.Tensor:
     probs: log of the mean probability (MEAL V2 averages in probability space); a valid logit
     vector whose softmax is the mean of the teachers' softmaxes. logits: the mean logit.
     """
-    logits = logits.float()
+    logits = at_least_float32(logits)
     if mode == "logits" or logits.shape[0] == 1:
         return logits.mean(0)
     return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(logits.shape[0])
@@ -43,8 +44,9 @@ class Ensemble(nn.Module):
         return super().train(False)  # always eval: BN running stats, no dropout
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(target logits [B, C] float32, per-teacher logits [T, B, C] float32)."""
-        per = torch.stack([t(images).float() for t in self.teachers])
+        """(target logits [B, C], per-teacher logits [T, B, C]), float32 (float64 for a
+        float64 ensemble)."""
+        per = torch.stack([at_least_float32(t(images)) for t in self.teachers])
         return combine(per, self.mode), per
 
 

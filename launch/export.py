@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import warnings
 from pathlib import Path
 
 import torch
 
-from common.checkpoint import MODEL_FILE, SPEC_FILE, atomic_dir, commit_dir, load_model
+from common.checkpoint import (
+    MODEL_FILE,
+    SPEC_FILE,
+    atomic_dir,
+    commit_dir,
+    load_model,
+    write_model_files,
+)
 from common.config import save_config
 from common.data import build_splits
 from common.logging import write_json
@@ -38,7 +44,7 @@ def input_spec(cfg) -> tuple[tuple[int, int, int], dict]:
 def export_student(cfg, model_dir: Path, out: Path) -> dict:
     p = cfg.pipeline
     model, spec = load_model(model_dir)
-    model.eval()
+    model.float().eval()  # deployment precision, also for a model trained in float64
     gen = torch.Generator().manual_seed(cfg.run.seed)
     shape, preprocess = input_spec(cfg)
     x = torch.randn(p.export_batch, *shape, generator=gen)  # [B, C, H, W]
@@ -48,8 +54,7 @@ def export_student(cfg, model_dir: Path, out: Path) -> dict:
 
     tmp = atomic_dir(out)
     (tmp / "model").mkdir()
-    for f in (MODEL_FILE, SPEC_FILE):
-        shutil.copy2(model_dir / f, tmp / "model" / f)
+    write_model_files(tmp / "model", model, spec)
     save_config(cfg, tmp / "config.yaml")  # what the pipeline's completion check compares
     checks = {"safetensors": _check(load_model(tmp / "model")[0].eval(), x, ref, p.export_atol)}
 

@@ -13,8 +13,12 @@ import torch
 
 def gamma_histogram(gammas: torch.Tensor, path: str | Path, title: str, bins: int = 60) -> Path:
     """Histogram of |gamma| over all BN channels (log count axis: most mass sits near 0)."""
+    values = gammas.abs().double().cpu().numpy()
+    lo, hi = float(values.min()), float(values.max())
+    # all-equal scales (a fresh model) or a spread below float resolution get a visible range
+    span = (lo, max(hi, lo + 1e-3 * max(abs(lo), 1.0)))
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(gammas.abs().float().cpu().numpy(), bins=bins, log=True, color="tab:blue")
+    ax.hist(values, bins=bins, range=span, log=True, color="tab:blue")
     ax.set_xlabel("|gamma|")
     ax.set_ylabel("channels")
     ax.set_title(title)

@@ -37,6 +37,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from common.precision import at_least_float32
 from prune.l1 import bn_layers, require_bn
 
 
@@ -133,7 +134,7 @@ def constant_inputs(model: nn.Module, x: torch.Tensor, rtol: float = 1e-5) -> di
     found: dict[nn.Module, torch.Tensor] = {}
 
     def hook(m: nn.Module, args) -> None:
-        inp = args[0].detach().float()
+        inp = at_least_float32(args[0].detach())
         flat = inp.transpose(0, 1).reshape(inp.shape[1], -1)  # [C, N*H*W]
         lo, hi, mean = flat.min(1).values, flat.max(1).values, flat.mean(1)
         const = (hi - lo) <= rtol * (1 + mean.abs())
@@ -153,12 +154,13 @@ def constant_inputs(model: nn.Module, x: torch.Tensor, rtol: float = 1e-5) -> di
 
 def _contribution(m: nn.Module, idxs: list[int], values: torch.Tensor) -> torch.Tensor:
     """Output offset [out] that input channels `idxs` with constant `values` add to `m`."""
-    w = m.weight.detach().float().cpu()
+    w = at_least_float32(m.weight.detach()).cpu()
+    values = values.to(w.dtype)
     if isinstance(m, nn.Linear):
         return w[:, idxs] @ values
     per_in, per_out = m.in_channels // m.groups, m.out_channels // m.groups
     ksum = w.sum((2, 3))  # [out, in/groups]
-    delta = torch.zeros(m.out_channels)
+    delta = torch.zeros(m.out_channels, dtype=w.dtype)
     for c, v in zip(idxs, values.tolist()):
         g, local = divmod(c, per_in)
         rows = slice(g * per_out, (g + 1) * per_out)
@@ -181,12 +183,13 @@ def _absorb(node, delta: torch.Tensor) -> bool:
         if isinstance(m, _BatchNorm):
             m.running_mean.sub_(delta.to(m.running_mean))
         elif isinstance(m, nn.Linear) and m.bias is not None and m.in_features == len(delta):
-            m.bias.add_((m.weight.detach().float().cpu() @ delta).to(m.bias))
+            w = at_least_float32(m.weight.detach()).cpu()
+            m.bias.add_((w @ delta.to(w.dtype)).to(m.bias))
         elif isinstance(m, tp.ops._ConcatOp) and m.offsets is not None:
             k = [i for i, n in enumerate(out.inputs) if n is node]
             if len(k) != 1:
                 return False
-            wide = torch.zeros(m.offsets[-1])
+            wide = torch.zeros(m.offsets[-1], dtype=delta.dtype)
             wide[m.offsets[k[0]] : m.offsets[k[0]] + len(delta)] = delta
             ok = _absorb(out, wide) and ok
         elif isinstance(m, tp.ops._ElementWiseOp) and any(o in m._grad_fn for o in _SHIFT_OPS):

@@ -106,7 +106,9 @@ def test_two_processes_write_exactly_the_rows_of_one(tmp_path, teachers, referen
     m = LogitCache(tmp_path / "two/cache").manifest
     assert m["num_shards"] == 2 and len(m["teachers"]) == 2
     assert all(0 <= t["acc_on_cached_views"] <= 1 for t in m["teachers"])
-    # The stored target is the ensemble: log of the mean of the teachers' probabilities.
+    # The stored target is the ensemble: log of the mean of the teachers' probabilities. Each
+    # stored logit is float16-rounded (relative 2^-11 = 4.9e-4 of logits up to ~5 here, so
+    # ~2.5e-3 absolute), which moves a probability p by at most ~2 x 2.5e-3 x p <= 3e-3.
     per = np.stack([one["t0_logits"], one["t1_logits"]]).astype(np.float32)
     mean_p = torch.softmax(torch.from_numpy(per), -1).mean(0)
     torch.testing.assert_close(
@@ -230,6 +232,8 @@ def test_topk_storage_keeps_top_classes_and_tail_mass(tmp_path, teachers, refere
     ref = torch.from_numpy(full["logits"].copy()).float()
     vals, idx = ref.topk(3, -1)
     assert np.array_equal(np.sort(top["topk_idx"], -1), np.sort(idx.numpy(), -1))
+    # `ref` is the full cache's float16 copy of the same float32 values: each side is
+    # within one float16 rounding (2^-11 relative) of them, so within 2 x 4.9e-4 of each other
     torch.testing.assert_close(
         torch.from_numpy(top["topk_val"]).float(), vals, atol=2e-2, rtol=2e-3
     )

@@ -17,7 +17,8 @@ from torch import nn
 
 from common.checkpoint import MANIFEST_FILE, MODEL_FILE, CheckpointManager, verify_manifest
 from tests.conftest import ROOT, cli_command, cli_env, run_cli
-from tests.test_train import SMALL, assert_same_weights, weights
+from tests.equivalence import assert_same_weights, weights
+from tests.test_train import SMALL
 
 # --------------------------------------------------------------------------------------------
 # checkpoint directory hygiene (unit level: CheckpointManager only)

@@ -56,6 +56,7 @@ PARAMS_M = {
     "cifar_resnext29_8x64d": (34.3, 34.5),  # 34.4M
     "cifar_mobilenetv3_small": (1.4, 1.6),  # 2.5M at 1000 classes
     "cifar_mobilenetv3_large": (4.1, 4.3),  # 5.5M at 1000 classes
+    "cifar_airnet": (1.97, 1.98),  # airbench94's widths (64, 256, 256), 3x3 stem of 24
 }
 
 
@@ -120,7 +121,7 @@ def test_vgg_widths_round_trip() -> None:
     rebuilt.load_state_dict(small.state_dict())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(rebuilt(x), small(x))
+        torch.testing.assert_close(rebuilt(x), small(x), rtol=0, atol=0)  # same weights, shapes
 
 
 def test_resnet_block_widths_edit() -> None:
@@ -205,7 +206,7 @@ def test_torch_pruning_round_trip(name: str, tmp_path) -> None:
     ).eval()
     assert n_params(rebuilt) == n_params(model)
     with torch.no_grad():
-        torch.testing.assert_close(rebuilt(x), model(x))
+        torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)  # same weights, shapes
 
 
 # --- registry -----------------------------------------------------------------------------------
@@ -282,7 +283,7 @@ def test_weights_torch_load_formats(tmp_path) -> None:
             warnings.simplefilter("error")
             dst = build_model("cifar_vgg11", 10, weights=path).eval()
         with torch.no_grad():
-            torch.testing.assert_close(dst(x), src.eval()(x))
+            torch.testing.assert_close(dst(x), src.eval()(x), rtol=0, atol=0)
 
 
 def test_weights_bad_keys_and_missing_file(tmp_path) -> None:

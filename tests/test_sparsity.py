@@ -29,6 +29,7 @@ def one_thread():
 
 
 def tiny() -> nn.Module:
+    """float64, so gradients compare to 1e-12 whatever kernels the CPU picks."""
     torch.manual_seed(0)
     m = nn.Sequential(
         nn.Conv2d(3, 6, 3, padding=1, bias=False),
@@ -40,12 +41,15 @@ def tiny() -> nn.Module:
     )
     with torch.no_grad():
         m[1].weight.copy_(torch.tensor([0.5, -0.3, 0.2, -0.7, 0.1, 0.4]))
-    return m
+    return m.double()
 
 
 def batch(n: int = 8, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"image": torch.randn(n, 3, 6, 6, generator=g), "label": torch.arange(n) % 4}
+    return {
+        "image": torch.randn(n, 3, 6, 6, generator=g, dtype=torch.float64),
+        "label": torch.arange(n) % 4,
+    }
 
 
 def trainer_step(model: nn.Module, task, b: dict, accum: int) -> None:
@@ -75,11 +79,11 @@ def test_l1_step_is_analytic_subgradient(accum, in_loss):
         CrossEntropyTask(), s=s, total_steps=10, steps_per_epoch=10, penalty_in_loss=in_loss
     )
     trainer_step(model, task, b, accum)
-    torch.testing.assert_close(model[1].weight.grad, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(model[1].weight.grad, expected, rtol=0, atol=1e-12)
     # and the penalty part alone is exactly s * sign(gamma), added once per step
     ce_only = reference_grad(copy.deepcopy(tiny().eval()), b, 0.0)
     torch.testing.assert_close(
-        model[1].weight.grad - ce_only, s * torch.sign(model[1].weight.detach()), rtol=0, atol=1e-6
+        model[1].weight.grad - ce_only, s * torch.sign(model[1].weight.detach()), rtol=0, atol=1e-12
     )
 
 
@@ -90,13 +94,13 @@ def test_every_batchnorm_kind_is_regularised():
     assert isinstance(sync[1], nn.SyncBatchNorm) and not isinstance(sync[1], nn.BatchNorm2d)
     for m in (model, sync):
         assert len(bn_layers(m)) == 1
-        m[1].weight.grad = torch.zeros(6)
+        m[1].weight.grad = torch.zeros(6, dtype=torch.float64)
         assert add_l1_subgradient(m, 0.1) == 1
-        torch.testing.assert_close(m[1].weight.grad, 0.1 * torch.sign(m[1].weight.detach()))
+        assert torch.equal(m[1].weight.grad, 0.1 * torch.sign(m[1].weight.detach()))
 
 
 def test_penalty_that_reaches_no_layer_is_an_error():
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 4))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 4)).double()
     task = SparsityTask(CrossEntropyTask(), s=0.1, total_steps=1, steps_per_epoch=1)
     task.losses(model, batch())["loss"].backward()
     with pytest.raises(RuntimeError, match="no BatchNorm"):
@@ -142,7 +146,7 @@ def _one_step(tmp_path, s: float, accum: int, in_loss: bool) -> torch.Tensor:
     )
     trainer = Trainer(
         accelerator=Accelerator(cpu=True),
-        run=RunConfig(out_dir=str(tmp_path)),
+        run=RunConfig(out_dir=str(tmp_path), dtype="float64"),
         loop=loop,
         model=model,
         spec={},
@@ -177,4 +181,4 @@ def test_trainer_step_moves_gamma_by_lr_s_sign(tmp_path, in_loss):
         for _, bn in bn_layers(ref):
             bn.weight.uniform_(-1, 1)
     sign = torch.cat([torch.sign(bn.weight.detach()) for _, bn in bn_layers(ref)])
-    torch.testing.assert_close(slim - plain, -lr * s * sign, rtol=0, atol=1e-5)
+    torch.testing.assert_close(slim - plain, -lr * s * sign.double(), rtol=0, atol=1e-12)

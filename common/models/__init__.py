@@ -7,7 +7,7 @@
 Importing this package registers every family module below.
 """
 
-from . import densenet, mobilenetv3, resnet, resnext, vgg, wrn  # noqa: F401  (register)
+from . import airnet, densenet, mobilenetv3, resnet, resnext, vgg, wrn  # noqa: F401  (register)
 from .registry import build_model, list_models, load_weights, register_model
 from .widths import apply_widths, init_module, model_widths
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from common.config import ConfigError
+from common.precision import match_state_precision
 
 from .widths import apply_widths
 
@@ -216,5 +217,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
         )
         skip = set(skipped)
         sd = {k: v for k, v in sd.items() if k not in skip}
+    match_state_precision(model, sd)
     model.load_state_dict(sd, strict=False)
     return model

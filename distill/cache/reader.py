@@ -97,7 +97,8 @@ class LogitCache:
 
     def rows(self, sample_ids: np.ndarray, view_ids: np.ndarray) -> dict[str, torch.Tensor]:
         """Soft targets for each (sample, view): `logits` [B, C] (full storage) or
-        `topk_idx` [B, k], `topk_val` [B, k] and `lse` [B] (top-k storage), float32."""
+        `topk_idx` [B, k], `topk_val` [B, k] and `lse` [B] (top-k storage), in at least
+        float32."""
         sample_ids = np.asarray(sample_ids, dtype=np.int64)
         view_ids = np.asarray(view_ids, dtype=np.int64)
         if (view_ids < 0).any() or (view_ids >= self.views).any():
@@ -121,8 +122,8 @@ def _column(table, name: str) -> torch.Tensor:
         arr = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
     else:
         arr = col.to_numpy(zero_copy_only=False)
-    if arr.dtype.kind == "f":
-        return torch.from_numpy(arr.astype(np.float32))
+    if arr.dtype.kind == "f":  # float16 storage is promoted; float32/float64 kept as stored
+        return torch.from_numpy(arr.astype(np.promote_types(arr.dtype, np.float32)))
     return torch.from_numpy(arr.astype(np.int64))
 
 

@@ -18,9 +18,13 @@ from distill.cache.layout import CacheError, row_keys, shard_name
 from distill.cache.reader import LogitCache
 from distill.teachers import Ensemble
 
-# Storage in float16 keeps 11 significant bits (relative step 9.8e-4); teachers run under bf16
-# autocast keep 8 (3.9e-3), and a re-scored batch of another size may round differently.
-TOLERANCE = {"no": 2e-3, "fp16": 2e-3, "bf16": 3e-2}
+# Relative tolerance of a re-scored value, by what limits it most. float16 storage keeps 11
+# significant bits (step 9.8e-4 relative); teachers under bf16 autocast keep 8 (3.9e-3) and a
+# re-scored batch of another size may round its products differently; float32 storage is
+# limited by float32 arithmetic in batches of other sizes (~600-term sums per conv output,
+# 20+ layers: well under 1e-4); float64 by float64 arithmetic (~1e-15 per operation).
+TOLERANCE = {"float16": 2e-3, "float32": 1e-4, "float64": 1e-9}
+AUTOCAST_TOLERANCE = {"bf16": 3e-2, "fp16": 2e-3}
 
 
 def check_files_and_keys(cache: LogitCache) -> int:
@@ -68,7 +72,8 @@ def spot_check(
 ) -> dict:
     """Re-score `k` random rows under the writer's autocast and compare with the cache."""
     precision = cache.manifest.get("precision", "no")
-    rtol = atol = TOLERANCE[precision]
+    stored_dtype = cache.manifest["storage"].get("logit_dtype", "float16")
+    rtol = atol = max(TOLERANCE[stored_dtype], AUTOCAST_TOLERANCE.get(precision, 0.0))
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "no")
     rng = np.random.default_rng(seed)
@@ -76,9 +81,10 @@ def spot_check(
     sids, vids = rows // cache.views, rows % cache.views
     stored = cache.rows(sids, vids)
     images = torch.stack([dataset[(int(s), int(v))]["image"] for s, v in zip(sids, vids)])
+    dtype = next(ensemble.parameters()).dtype
     with torch.inference_mode(), autocast:
-        fresh, _ = ensemble(images.to(device))
-    fresh = fresh.float().cpu()
+        fresh, _ = ensemble(images.to(device, dtype))
+    fresh = fresh.cpu()
     if cache.storage == "full":
         ref_vals, stored_vals = fresh, stored["logits"]
         stored_top1 = stored_vals.argmax(-1)
@@ -99,7 +105,12 @@ def spot_check(
         "rows_checked": len(rows),
         "top1_agreement": float((stored_top1 == fresh.argmax(-1)).float().mean()),
         "max_abs_diff": float(err.max()),
-        "tolerance": {"rtol": rtol, "atol": atol, "precision": precision},
+        "tolerance": {
+            "rtol": rtol,
+            "atol": atol,
+            "precision": precision,
+            "logit_dtype": stored_dtype,
+        },
         "within_tolerance": bool((err <= tol).all()),
     }
     if cache.storage == "topk":

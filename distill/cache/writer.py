@@ -58,9 +58,11 @@ def build_spec(*, dataset: ViewDataset, ensemble: Ensemble, cfg, seed: int) -> d
             "k": min(c.topk, num_classes) if c.storage == "topk" else None,
             "index_dtype": index_dtype(num_classes) if c.storage == "topk" else None,
             "per_teacher": c.per_teacher,
+            "logit_dtype": c.logit_dtype,
         },
         "num_classes": num_classes,
         "precision": cfg.run.mixed_precision,  # the teachers' autocast; verify re-scores so
+        "dtype": cfg.run.dtype,  # the teachers' arithmetic (float64: the testing mode)
         "layout": {"batch_size": c.batch_size, "rows_per_part": c.rows_per_part},
     }
 
@@ -102,6 +104,8 @@ class ShardWriter:
         self.num_workers, self.log = num_workers, logger
         self.part_rows = max(plan.batch_size, rows_per_part // plan.batch_size * plan.batch_size)
         self.storage = spec["storage"]
+        self.logit_dtype = np.dtype(self.storage["logit_dtype"])
+        self.dtype = next(ensemble.parameters()).dtype
 
     # -- one shard ------------------------------------------------------------------------------
 
@@ -139,10 +143,10 @@ class ShardWriter:
         counts = np.zeros(len(self.ensemble.teachers) + 2, dtype=np.int64)
         with torch.inference_mode():
             for batch in make_loader(self.dataset, batches, self.num_workers):
-                images = batch["image"].to(self.device, non_blocking=True)
+                images = batch["image"].to(self.device, self.dtype, non_blocking=True)
                 with self.autocast():
                     target, per = self.ensemble(images)
-                target, per = target.float().cpu(), per.float().cpu()
+                target, per = target.cpu(), per.cpu()
                 labels = batch["label"]
                 counts[:-2] += (per.argmax(-1) == labels).sum(1).numpy()
                 counts[-2] += int((target.argmax(-1) == labels).sum())
@@ -173,7 +177,7 @@ class ShardWriter:
             "label": pa.array(batch["label"].numpy().astype(np.int64)),
         }
         if self.storage["mode"] == "full":
-            cols["logits"] = _fixed_list(target.numpy().astype(np.float16), pa.float16())
+            cols["logits"] = self._floats(target)
         else:
             k = self.storage["k"]
             vals, idx = target.topk(k, dim=-1)
@@ -181,12 +185,18 @@ class ShardWriter:
                 idx.numpy().astype(self.storage["index_dtype"]),
                 pa.from_numpy_dtype(np.dtype(self.storage["index_dtype"])),
             )
-            cols["topk_val"] = _fixed_list(vals.numpy().astype(np.float16), pa.float16())
-            cols["lse"] = pa.array(torch.logsumexp(target, -1).numpy().astype(np.float32))
+            cols["topk_val"] = self._floats(vals)
+            lse = torch.logsumexp(target, -1).numpy()  # at least float32: it anchors the tail
+            cols["lse"] = pa.array(lse.astype(np.promote_types(self.logit_dtype, np.float32)))
         if self.storage["per_teacher"]:
             for t in range(per.shape[0]):
-                cols[f"t{t}_logits"] = _fixed_list(per[t].numpy().astype(np.float16), pa.float16())
+                cols[f"t{t}_logits"] = self._floats(per[t])
         return cols
+
+    def _floats(self, values: torch.Tensor) -> pa.Array:
+        """[B, K] values as a fixed-size list column of `cache.logit_dtype`."""
+        arr = values.numpy().astype(self.logit_dtype)
+        return _fixed_list(arr, pa.from_numpy_dtype(self.logit_dtype))
 
     def _finalise(self, index, name, lo, hi, parts: list[Path], stats: list[dict]) -> dict:
         final = self.root / name

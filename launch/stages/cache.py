@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from common.logging import write_json
+from common.precision import DTYPES
 from common.runtime import open_stage
 from distill.cache.layout import ShardPlan
 from distill.cache.setup import cache_root, cached_splits, shard_assignment, teacher_configs
@@ -18,7 +19,7 @@ def run(cfg) -> dict:
         dataset = cached_splits(cfg).train
         ensemble = build_ensemble(
             teacher_configs(cfg), dataset.source.num_classes, cfg.cache.ensemble
-        ).to(acc.device)
+        ).to(acc.device, DTYPES[cfg.run.dtype])
         num_shards, mine = shard_assignment(cfg, acc.process_index, acc.num_processes)
         spec = build_spec(dataset=dataset, ensemble=ensemble, cfg=cfg, seed=cfg.run.seed)
         spec["layout"]["num_shards"] = num_shards

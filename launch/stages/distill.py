@@ -12,6 +12,7 @@ from common.checkpoint import model_spec
 from common.config import ConfigError
 from common.distributed import place_frozen
 from common.models import build_model
+from common.precision import DTYPES
 from common.runtime import open_stage
 from common.trainer import CrossEntropyTask, Trainer
 from distill.cache import LogitCache, consumer_expectation
@@ -43,9 +44,15 @@ def run(cfg) -> dict:
             identities = test_logits = None
             if ensemble is not None:
                 identities = ensemble.identities
-                ensemble = place_frozen(ensemble, acc, rt.logger.info)
+                dtype = DTYPES[cfg.run.dtype]
+                ensemble = place_frozen(ensemble.to(dtype), acc, rt.logger.info)
                 test_logits = teacher_test_logits(
-                    ensemble, splits.test, acc.process_index, acc.num_processes, acc.device
+                    ensemble,
+                    splits.test,
+                    acc.process_index,
+                    acc.num_processes,
+                    acc.device,
+                    dtype=dtype,
                 )
             if d.mode == "cached":
                 ensemble = None  # identities and test logits were all it was needed for

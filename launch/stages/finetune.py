@@ -14,6 +14,7 @@ from common.checkpoint import build_from_spec, load_model
 from common.config import ConfigError
 from common.data import build_splits
 from common.distributed import place_frozen
+from common.precision import DTYPES
 from common.runtime import open_stage
 from common.trainer import CrossEntropyTask, Trainer
 from distill.config import TeacherConfig
@@ -52,13 +53,19 @@ def run(cfg, stage: str = "finetune", stage_dir=None) -> dict:
             ensemble = build_ensemble(
                 [TeacherConfig(path=fc.teacher)], splits.num_classes, "logits"
             )
-            ensemble = place_frozen(ensemble, acc, rt.logger.info)
+            dtype = DTYPES[cfg.run.dtype]
+            ensemble = place_frozen(ensemble.to(dtype), acc, rt.logger.info)
             task = KDTask(
                 OnlineTeacher(ensemble),
                 fc.kd_temperature,
                 fc.kd_alpha,
                 teacher_test_logits(
-                    ensemble, splits.test, acc.process_index, acc.num_processes, acc.device
+                    ensemble,
+                    splits.test,
+                    acc.process_index,
+                    acc.num_processes,
+                    acc.device,
+                    dtype=dtype,
                 ),
             )
         trainer = Trainer(

@@ -170,7 +170,7 @@ def evaluate(acc, model: nn.Module, splits, batch_size: int) -> float:
     batches = eval_batches(len(splits.test), batch_size, acc.process_index, acc.num_processes)
     correct = count = 0
     for batch in make_loader(splits.test, batches, splits.num_workers):
-        logits = model(batch["image"].to(acc.device))
+        logits = model(batch["image"].to(acc.device, next(model.parameters()).dtype))
         correct += int((logits.argmax(1).cpu() == batch["label"]).sum())
         count += len(logits)
     model.train(was_training)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from common.logging import write_json
+from common.precision import DTYPES
 from common.runtime import open_stage
 from distill.cache import LogitCache, consumer_expectation
 from distill.cache.setup import cache_root, cached_splits, teacher_configs
@@ -17,7 +18,7 @@ def run(cfg) -> dict:
         dataset = cached_splits(cfg).train
         ensemble = build_ensemble(
             teacher_configs(cfg), dataset.source.num_classes, cfg.cache.ensemble
-        ).to(rt.accelerator.device)
+        ).to(rt.accelerator.device, DTYPES[cfg.run.dtype])
         cache = LogitCache(
             root, consumer_expectation(dataset, cfg.cache.views, ensemble.identities)
         )

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, run_cli
+from tests.equivalence import EXACT, F64, assert_same_weights, weights
 from tests.slurm.localslurm import SlurmCluster
-from tests.test_train import SMALL, assert_same_weights, weights
+from tests.test_train import SMALL
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -41,8 +42,17 @@ def _out(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else "<no output file>"
 
 
+@pytest.mark.numerics
 def test_two_node_ddp_equals_one_process(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    args = ["train", "--config", QUICK, *SMALL, "train.loop.epochs=1", "train.loop.max_steps=3"]
+    args = [
+        "train",
+        "--config",
+        QUICK,
+        *SMALL,
+        *F64,
+        "train.loop.epochs=1",
+        "train.loop.max_steps=3",
+    ]
     log = tmp_path / "two.out"
     t0 = time.monotonic()
     job = slurm_cluster.sbatch(
@@ -63,10 +73,8 @@ def test_two_node_ddp_equals_one_process(slurm_cluster: SlurmCluster, tmp_path: 
     m2 = json.loads((tmp_path / "two/train/metrics.json").read_text())
     m1 = json.loads((tmp_path / "one/train/metrics.json").read_text())
     assert (m1["world_size"], m2["world_size"]) == (1, 2)
-    # as tests/test_train.py::test_two_process_ddp_equals_one_process: only float32 summation
-    # order differs (~1e-7 after one step, ~10x per step this early); unsynchronised BN or a
-    # wrong batch split is off by >1e-2 at once
-    assert_same_weights(weights(tmp_path / "one/train"), weights(tmp_path / "two/train"), 2e-4)
+    # float64: only summation order differs (tests/equivalence.py derives the bound)
+    assert_same_weights(weights(tmp_path / "one/train"), weights(tmp_path / "two/train"), EXACT)
     assert m1["last"]["test_num_samples"] == m2["last"]["test_num_samples"] == 359
 
 
