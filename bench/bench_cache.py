@@ -25,7 +25,7 @@ from common.data.sources import ImageSource, Stats
 from common.data.views import ViewRecipe
 from common.logging import NullLogger
 from common.models import build_model
-from distill.cache.layout import ShardPlan
+from distill.cache.layout import ShardPlan, cache_identity
 from distill.cache.reader import LogitCache
 from distill.cache.writer import ShardWriter, build_spec, claim_spec, try_write_manifest
 from distill.teachers import Ensemble
@@ -46,10 +46,9 @@ def write_cache(
     root: Path, dataset, ensemble, views: int, storage: str, k: int, workers: int, batch: int
 ) -> float:
     cfg = Config()
-    cfg.cache.views, cfg.cache.storage, cfg.cache.topk = views, storage, k
+    cfg.cache.views, cfg.cache.storage, cfg.cache.topk = views, storage, max(k, 1)
     cfg.cache.batch_size = batch
-    spec = build_spec(dataset=dataset, ensemble=ensemble, cfg=cfg, seed=0)
-    spec["layout"]["num_shards"] = 1
+    spec = build_spec(cache_identity(cfg, dataset, ensemble.identities), cfg, num_shards=1)
     claim_spec(root, spec)
     plan = ShardPlan(len(dataset) * views, batch, 1)
     writer = ShardWriter(

@@ -37,7 +37,7 @@ def worker(args) -> None:
     from common.models import build_model
     from distill.teachers import Ensemble
 
-    acc = build_accelerator(RunConfig(mixed_precision=args.precision), live_teacher=True)
+    acc = build_accelerator(RunConfig(mixed_precision=args.precision))
     torch.manual_seed(0)
     model = build_model(args.teacher, 10)
     teacher = place_frozen(Ensemble([model], [{}], "logits"), acc, lambda _: None)

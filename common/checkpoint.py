@@ -22,6 +22,7 @@ a warning, falling back to the next older checkpoint.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,9 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.errors import ModelFileError
 from common.models import build_model
 from common.precision import match_state_precision
 
@@ -96,23 +99,50 @@ def save_model(directory: str | Path, model: nn.Module, spec: dict) -> Path:
     return final
 
 
-def load_model(directory: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild a model from `save_model` output."""
+def read_spec(directory: str | Path) -> dict:
+    """The architecture spec of a saved model (`model.json`), or a ModelFileError."""
     d = Path(directory)
     if not (d / SPEC_FILE).is_file() or not (d / MODEL_FILE).is_file():
-        raise FileNotFoundError(
+        raise ModelFileError(
             f"{d} is not a saved model: it needs {MODEL_FILE} and {SPEC_FILE} "
             f"(written by the train, distill, prune and finetune stages)"
         )
-    spec = json.loads((d / SPEC_FILE).read_text())
+    try:
+        spec = json.loads((d / SPEC_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"cannot read {d / SPEC_FILE}: {e}") from None
+    if not isinstance(spec, dict) or not {"name", "num_classes"} <= set(spec):
+        raise ModelFileError(f"{d / SPEC_FILE} is not a kdslim model spec")
+    return spec
+
+
+def load_model(directory: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a model from `save_model` output. A missing, truncated or foreign file is a
+    ModelFileError that names it (never a library traceback)."""
+    d = Path(directory)
+    spec = read_spec(d)
     model = build_from_spec(spec)
-    state = load_file(str(d / MODEL_FILE))
-    match_state_precision(model, state).load_state_dict(state)
+    try:
+        state = load_file(str(d / MODEL_FILE))
+        match_state_precision(model, state).load_state_dict(state)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelFileError(
+            f"cannot load {d / MODEL_FILE} ({first}): the file is truncated, damaged or "
+            f"does not belong to {d / SPEC_FILE}; re-create it with the stage that wrote it"
+        ) from None
     return model, spec
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks; remembered per (inode, size,
+    modification time), since freshness checks ask for the same teachers' hashes often."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with Path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

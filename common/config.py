@@ -19,14 +19,56 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
+from common.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration problem a user can fix by editing the named key."""
+__all__ = ["ConfigError", "Range", "from_dict", "load_config", "save_config", "to_dict"]
 
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed interval of a numeric field (of each element, for tuples and lists),
+    checked when a config is loaded: `epochs: Annotated[int, Range(ge=1)]`. Every int and
+    float field carries one, so every value is checked once, at start-up."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def holds(self, v: float) -> bool:
+        return (
+            (self.ge is None or v >= self.ge)
+            and (self.gt is None or v > self.gt)
+            and (self.le is None or v <= self.le)
+            and (self.lt is None or v < self.lt)
+        )
+
+    def __str__(self) -> str:
+        parts = [
+            f"{op} {bound:g}"
+            for op, bound in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+            if bound is not None
+        ]
+        return " and ".join(parts) or "any number"
+
+
+def _n(lo=None, hi=None, *, open_lo=False, open_hi=False) -> Range:
+    """Range shorthand: [lo, hi], with either end open or absent."""
+    return Range(
+        ge=None if open_lo else lo,
+        gt=lo if open_lo else None,
+        le=None if open_hi else hi,
+        lt=hi if open_hi else None,
+    )
+
+
+POSITIVE_INT = Annotated[int, _n(1)]
+NON_NEGATIVE_INT = Annotated[int, _n(0)]
+UNIT = _n(0, 1)  # [0, 1]
 
 # --------------------------------------------------------------------------------------------
 # Shared sections
@@ -37,8 +79,9 @@ class ConfigError(ValueError):
 class RunConfig:
     out_dir: str = "runs/default"
     """Every stage writes into `<out_dir>/<stage>/`; re-running resumes from what is there."""
-    seed: int = 0
-    """Seeds model init, the epoch permutations and every augmentation view."""
+    seed: NON_NEGATIVE_INT = 0
+    """Seeds the replayable views, and model init and batch order unless a stage has its own
+    seeds (`train.members[].seed`, `distill.seeds`)."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True): bit-reproducible runs at some speed cost."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -64,28 +107,42 @@ class DataConfig:
     """Registered dataset: digits | cifar10 | cifar100 | imagefolder."""
     root: str | None = None
     """Local directory (Parquet HF layout, torchvision python layout, or class folders)."""
-    image_size: int | None = None
+    image_size: Annotated[int | None, _n(1)] = None
     """Side of the square network input; None takes the dataset's native size."""
     augment: Literal["cifar", "imagenet", "none"] = "cifar"
     """Replayable training view recipe: pad+crop+flip (cifar) or resized crop+flip."""
-    pad: int = 4
+    pad: NON_NEGATIVE_INT = 4
     """Zero padding of the cifar recipe before the random crop."""
-    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_scale: Annotated[tuple[float, float], _n(0, 1, open_lo=True)] = (0.08, 1.0)
     """Area range of the imagenet recipe's resized crop."""
-    crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    crop_ratio: Annotated[tuple[float, float], _n(0, open_lo=True)] = (0.75, 4.0 / 3.0)
     """Aspect-ratio range of the imagenet recipe's resized crop."""
     hflip: bool = True
     """Random horizontal flip (p=0.5) in either recipe."""
-    mean: tuple[float, float, float] | None = None
-    """Normalisation mean; None takes the dataset's own statistics."""
-    std: tuple[float, float, float] | None = None
+    mean: Annotated[tuple[float, float, float] | None, UNIT] = None
+    """Normalisation mean (of pixels in [0, 1]); None takes the dataset's own statistics."""
+    std: Annotated[tuple[float, float, float] | None, _n(0, open_lo=True)] = None
     """Normalisation std; None takes the dataset's own statistics."""
-    train_subset: int | None = None
+    train_subset: Annotated[int | None, _n(1)] = None
     """Use only the first N training samples (experiments on a budget)."""
-    test_subset: int | None = None
+    test_subset: Annotated[int | None, _n(1)] = None
     """Use only the first N test samples."""
-    num_workers: int = 0
+    val_fraction: Annotated[float, _n(0, 0.5)] = 0.1
+    """Share of the training samples held out as the validation split, on which every stage
+    chooses its best epoch (never on test). A fixed draw, the same for every seed and stage;
+    0 disables it (then the last epoch is reported)."""
+    num_workers: NON_NEGATIVE_INT = 0
     """DataLoader workers per process; views do not depend on it."""
+    decode_once: bool = True
+    """Fixed-size Parquet datasets (CIFAR): decode every image once into a memory-mapped uint8
+    file in `decode_dir` and read from it (see common/data/decoded.py), instead of decoding
+    each image at every read. Pixels are the same either way."""
+    decode_dir: str | None = None
+    """Where decoded images are kept; None: $XDG_CACHE_HOME/kdslim/decoded (~/.cache)."""
+
+    def __post_init__(self) -> None:
+        if self.crop_scale[0] > self.crop_scale[1] or self.crop_ratio[0] > self.crop_ratio[1]:
+            raise ConfigError("`data.crop_scale` and `data.crop_ratio` must be (low, high) pairs")
 
 
 @dataclass(kw_only=True)
@@ -104,25 +161,25 @@ class LoggingConfig:
 class OptimConfig:
     name: Literal["sgd", "adamw"] = "sgd"
     """Optimizer."""
-    lr: float = 0.1
+    lr: Annotated[float, _n(0, open_lo=True)] = 0.1
     """Peak learning rate, reached after warmup."""
-    momentum: float = 0.9
+    momentum: Annotated[float, _n(0, 1, open_hi=True)] = 0.9
     """SGD momentum."""
     nesterov: bool = False
     """SGD Nesterov momentum."""
-    weight_decay: float = 1e-4
+    weight_decay: Annotated[float, _n(0)] = 1e-4
     """Decoupled for AdamW, L2 for SGD."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: Annotated[tuple[float, float], _n(0, 1, open_hi=True)] = (0.9, 0.999)
     """AdamW betas."""
     schedule: Literal["step", "cosine", "constant"] = "cosine"
     """Learning-rate decay after warmup."""
-    milestones: tuple[float, ...] = (0.5, 0.75)
+    milestones: Annotated[tuple[float, ...], _n(0, 1, open_lo=True, open_hi=True)] = (0.5, 0.75)
     """Step schedule: fractions of training at which lr is multiplied by `gamma`."""
-    gamma: float = 0.1
+    gamma: Annotated[float, _n(0, 1, open_lo=True)] = 0.1
     """Step schedule decay factor."""
-    warmup_epochs: float = 0.0
+    warmup_epochs: Annotated[float, _n(0)] = 0.0
     """Linear warmup from 0 over this many epochs."""
-    clip_grad_norm: float | None = None
+    clip_grad_norm: Annotated[float | None, _n(0, open_lo=True)] = None
     """Clip the global gradient norm (after unscaling) when set."""
 
 
@@ -140,40 +197,72 @@ class ModelConfig:
 class LoopConfig:
     """Settings of the shared training loop: every training stage embeds one."""
 
-    epochs: int = 10
+    epochs: POSITIVE_INT = 10
     """Passes over the training set."""
-    batch_size: int = 128
+    batch_size: POSITIVE_INT = 128
     """GLOBAL batch per optimizer step, whatever the number of processes and accumulation."""
-    grad_accum: int = 1
+    grad_accum: POSITIVE_INT = 1
     """Micro-batches per optimizer step; per-process micro-batch = batch/(processes*accum)."""
-    label_smoothing: float = 0.0
+    label_smoothing: Annotated[float, _n(0, 1, open_hi=True)] = 0.0
     """Cross-entropy label smoothing."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and schedule."""
-    eval_every: int = 1
-    """Evaluate on the test split every N epochs (and always after the last)."""
-    log_every: int = 10
+    eval_every: POSITIVE_INT = 1
+    """Evaluate on the validation and test splits every N epochs (and always after the last)."""
+    selection_split: Literal["val", "none"] = "val"
+    """Which evaluated epoch's weights the stage keeps as its `model/`: the one with the best
+    validation accuracy (`val`), or the last (`none`). Never chosen on test; the test
+    accuracy reported is the chosen epoch's."""
+    log_every: POSITIVE_INT = 10
     """Log the loss terms every N optimizer steps (wandb and `<stage>/steps.jsonl`)."""
-    checkpoint_every_steps: int = 0
+    checkpoint_every_steps: NON_NEGATIVE_INT = 0
     """Also checkpoint every N optimizer steps (0: only at epoch end)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: POSITIVE_INT = 2
     """Resumable checkpoints kept on disk (oldest deleted first)."""
-    resume: bool = True
-    """Continue from the newest complete checkpoint in the stage directory."""
+    resume: Literal[True, False, "force"] = True
+    """Continue from the newest complete checkpoint in the stage directory. A checkpoint made
+    under another configuration is refused with the differing keys; `force` resumes anyway
+    (recorded in metrics.json)."""
     sync_bn: bool = True
     """Synchronise BatchNorm statistics across processes (CUDA SyncBN or the CPU all-reduce)."""
-    max_steps: int | None = None
+    max_steps: Annotated[int | None, _n(1)] = None
     """Stop after this many optimizer steps in total (smoke tests, budgets)."""
 
 
 @dataclass(kw_only=True)
+class KDConfig:
+    """Knowledge distillation: loss = alpha T^2 KL(teacher_T || student_T) + (1 - alpha) CE.
+    One section type for every stage that distils (`distill`, `sparsity`, `finetune`)."""
+
+    temperature: Annotated[float, _n(0, 100, open_lo=True)] = 4.0
+    """Softmax temperature T of both sides (KD papers: 1-20; 4-5 on CIFAR)."""
+    alpha: Annotated[float, UNIT] = 0.9
+    """Weight of the KD term; (1 - alpha) weighs cross-entropy with the labels."""
+
+
+@dataclass(kw_only=True)
+class MemberConfig:
+    """One teacher of the ensemble; unset fields come from `train.model` and `run.seed`."""
+
+    name: str | None = None
+    """Directory under `<out_dir>/train/`; default `<model name>-s<seed>`."""
+    model: ModelConfig | None = None
+    """The network; default `train.model`."""
+    seed: Annotated[int | None, _n(0)] = None
+    """Initialisation and batch-order seed; default `run.seed`."""
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
-    """`train`: supervised training of a registered model (teachers, CE baselines)."""
+    """`train`: supervised training of the teacher ensemble (and of any registered model)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    """The network to train."""
+    """The network of every member that does not name its own."""
+    members: list[MemberConfig] = field(default_factory=list)
+    """The ensemble: one trained model per entry (different seeds and/or models), each in
+    `<out_dir>/train/<member>/`; empty: one member, `model` with `run.seed`."""
     loop: LoopConfig = field(default_factory=LoopConfig)
-    """Schedule, batch and checkpoint settings."""
+    """Schedule, batch and checkpoint settings (shared by all members)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,6 +275,8 @@ _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _type_name(typing.get_args(tp)[0])
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
@@ -209,11 +300,19 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
 
     if tp is Any:
         return value
+    if origin is Annotated:
+        base, *meta = args
+        value = _coerce(value, base, key, src)
+        numbers = value if isinstance(value, tuple | list) else [value]
+        for rule in meta:
+            if value is not None and not all(rule.holds(v) for v in numbers):
+                raise ConfigError(f"{src}: `{key}` must be {rule}, got {value!r}")
+        return value
     if origin is Literal:
         if isinstance(value, bool):  # YAML 1.1 reads `no`, `off`, `yes`, `on` as booleans
             words = ("yes", "on", "true") if value else ("no", "off", "false")
             value = next((w for w in words if w in args), value)
-        if value in args:
+        if any(type(value) is type(a) and value == a for a in args):  # 1 is not True
             return value
         fail()
     if origin in (typing.Union, types.UnionType):
@@ -266,7 +365,7 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
 
 def from_dict(cls: type, data: dict, *, src: str = "<config>", prefix: str = "") -> Any:
     """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = [k for k in data if k not in names]
     if unknown:
@@ -282,6 +381,38 @@ def from_dict(cls: type, data: dict, *, src: str = "<config>", prefix: str = "")
     except ConfigError as e:
         raise ConfigError(f"{src}: {e}") from None
     return obj
+
+
+def describe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every leaf value that differs between two nested mappings."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += describe_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def identity_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two node identities (`{"key", "values", "inputs"}`, see
+    `launch.freshness`): changed values, then changed inputs; [] when the keys agree."""
+    if not old or old.get("key") == new.get("key"):
+        return []
+    diff = describe_changes(old.get("values", {}), new.get("values", {}))
+    ins_old, ins_new = old.get("inputs", {}), new.get("inputs", {})
+    diff += [
+        f"input `{k}` changed"
+        for k in sorted(set(ins_old) | set(ins_new))
+        if ins_old.get(k) != ins_new.get(k)
+    ]
+    return diff or ["the configuration key changed"]
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def to_dict(cfg: Any) -> dict:

@@ -32,7 +32,7 @@ TEACHER_PLUGIN = "teacher"
 """Key of the ZeRO-3 plugin that shards a frozen live teacher (see `build_accelerator`)."""
 
 
-def build_accelerator(run: RunConfig, live_teacher: bool = False) -> Accelerator:
+def build_accelerator(run: RunConfig) -> Accelerator:
     """An Accelerator for this machine: CUDA when present, else CPU processes over gloo.
 
     `cpu=True` is what makes `accelerate launch --multi_gpu` on a CPU machine start a real
@@ -43,11 +43,12 @@ def build_accelerator(run: RunConfig, live_teacher: bool = False) -> Accelerator
     rank 0 of 1 on every process. Passing `backend="gloo"` (and `cpu=False`) gives one gloo
     group that accelerate and DeepSpeed agree on (measured: accelerate 1.15, deepspeed 0.19.8).
 
-    A ZeRO-3 launch config in a stage with a frozen `live_teacher` (online distillation, KD
-    fine-tuning) means: shard the teacher, whose weights are what does not fit, with ZeRO-3,
-    and train the student under ZeRO-2 with the same settings. The two configs are held the way
-    accelerate holds several models' DeepSpeed configs (`deepspeed_plugins`, one per model;
-    accelerate's "deepspeed_multiple_model" guide); `place_frozen` builds the teacher's engine.
+    A ZeRO-3 launch config means: shard a frozen live teacher (online distillation, live-KD
+    fine-tuning), whose weights are what does not fit, with ZeRO-3, and train the student
+    under ZeRO-2 with the same settings. The two configs are held the way accelerate holds
+    several models' DeepSpeed configs (`deepspeed_plugins`, one per model; accelerate's
+    "deepspeed_multiple_model" guide); `place_frozen` builds the teacher's engine, and the
+    trainer refuses a stage that has no live teacher to shard.
     """
     cpu = not torch.cuda.is_available()
     mp = run.mixed_precision
@@ -63,7 +64,7 @@ def build_accelerator(run: RunConfig, live_teacher: bool = False) -> Accelerator
             # ACCELERATE_USE_CPU=1 (the CPU recipe in README, slurm/stage.sbatch) would make
             # accelerate fall back to plain DDP without a word: DeepSpeed was asked for.
             os.environ.pop("ACCELERATE_USE_CPU", None)
-        plugins = _plugins_for_live_teacher() if live_teacher else None
+        plugins = _plugins_for_live_teacher()
     return Accelerator(
         cpu=cpu and not deepspeed,
         mixed_precision=mp,
@@ -88,6 +89,12 @@ def _plugins_for_live_teacher():
         del zero[key]  # parameter sharding settings: the student's weights stay whole
     zero["stage"] = 2
     return {"student": DeepSpeedPlugin(hf_ds_config=student), TEACHER_PLUGIN: launched}
+
+
+def zero3_for_teacher(accelerator: Accelerator) -> bool:
+    """True under a ZeRO-3 launch config: a live teacher is sharded, the student is not."""
+    plugins = getattr(accelerator.state, "deepspeed_plugins", None)
+    return isinstance(plugins, dict) and TEACHER_PLUGIN in plugins
 
 
 def _zero_stage(ds_config: dict) -> int:
@@ -194,12 +201,11 @@ def place_frozen(
     and only its shard is kept on the device; `offload_param` in the DeepSpeed JSON keeps the
     shards in host memory instead.
     """
-    plugins = getattr(accelerator.state, "deepspeed_plugins", None)
-    if not isinstance(plugins, dict) or TEACHER_PLUGIN not in plugins:
+    if not zero3_for_teacher(accelerator):
         return module.to(accelerator.device)
     import deepspeed
 
-    cfg = copy.deepcopy(plugins[TEACHER_PLUGIN].deepspeed_config)
+    cfg = copy.deepcopy(accelerator.state.deepspeed_plugins[TEACHER_PLUGIN].deepspeed_config)
     for key in ("optimizer", "scheduler"):
         cfg.pop(key, None)
     zero = cfg.setdefault("zero_optimization", {})

@@ -1,68 +1,85 @@
-"""Per-stage runtime: the accelerator, the stage directory, the resolved config and a logger.
+"""One runtime per process, one context per stage.
 
-Created once at the top of a stage; rank-0-only objects (the real logger) are decided here.
+`Runtime` is built once by the entry point: it owns the Accelerator (the process group, the
+device, the DeepSpeed plugins) and decides once which process is rank 0. Every stage the
+process runs (one, or all of them in a pipeline) gets a `StageContext` from it: its
+directory, a logger (the real one on rank 0, a `NullLogger` elsewhere) and the identity of
+what it is making, which its checkpoints record. Stages never build or end an Accelerator.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate import Accelerator
 
 from common.checkpoint import CheckpointManager
-from common.config import save_config, to_dict
+from common.config import to_dict
 from common.distributed import build_accelerator, seed_everything
 from common.logging import NullLogger, RunLogger
 
 
 @dataclass
-class StageRuntime:
+class StageContext:
     accelerator: Accelerator
     stage_dir: Path
     logger: NullLogger
+    name: str
+    """The node's name, e.g. `distill:seed1`."""
+    instance: str = ""
+    """Its instance within the stage (`seed1`), or "" for single-instance stages."""
+    identity: dict = field(default_factory=dict)
+    """{"key", "values", "inputs"}: what this node is made from (`launch.freshness`)."""
 
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def close(self) -> None:
-        self.logger.close()
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+
+class Runtime:
+    def __init__(self, cfg):
+        self.accelerator = build_accelerator(cfg.run)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def open(self, cfg, name: str, instance: str, stage_dir: Path, identity: dict) -> StageContext:
+        """Seed, create the directory (rank 0) and the stage's logger; a restarted stage
+        continues the wandb run of its newest checkpoint."""
+        acc = self.accelerator
+        seed_everything(cfg.run.seed, cfg.run.deterministic)
+        logger: NullLogger = NullLogger()
+        if acc.is_main_process:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            logger = RunLogger(
+                cfg.logging,
+                stage_dir,
+                f"{Path(cfg.run.out_dir).name}/{name}",
+                to_dict(cfg),
+                run_id=stored_wandb_id(stage_dir),
+            )
+        acc.wait_for_everyone()
+        return StageContext(acc, stage_dir, logger, name, instance, identity)
+
+    def close(self, ctx: StageContext) -> None:
+        """End a stage: its logger, and the references `prepare` kept to its model and
+        optimizer (the next stage of a pipeline runs in the same process)."""
+        ctx.logger.close()
+        self.accelerator.free_memory()
+
+    def end(self) -> None:
         self.accelerator.end_training()
 
 
-def open_stage(
-    cfg,
-    stage: str,
-    stage_dir: Path | None = None,
-    wandb_id: str | None = None,
-    live_teacher: bool = False,
-) -> StageRuntime:
-    """Set up processes and the output directory of `stage`; rank 0 writes the config.
-    `live_teacher`: the stage runs a frozen teacher next to the model it trains."""
-    acc = build_accelerator(cfg.run, live_teacher=live_teacher)
-    seed_everything(cfg.run.seed, cfg.run.deterministic)
-    stage_dir = Path(stage_dir or Path(cfg.run.out_dir) / stage)
-    logger: NullLogger = NullLogger()
-    if acc.is_main_process:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, stage_dir / "config.yaml")
-        logger = RunLogger(
-            cfg.logging,
-            stage_dir,
-            f"{Path(cfg.run.out_dir).name}/{stage}",
-            to_dict(cfg),
-            run_id=wandb_id or _stored_wandb_id(stage_dir),
-        )
-    acc.wait_for_everyone()
-    return StageRuntime(acc, stage_dir, logger)
-
-
-def _stored_wandb_id(stage_dir: Path) -> str | None:
-    """A restarted stage continues the wandb run of its newest checkpoint."""
-    # complete checkpoints only (the manifest is written last), listed without hashing;
-    # read-only: keep and is_main are unused by `complete()`
+def stored_wandb_id(stage_dir: Path) -> str | None:
+    """The wandb run id in the newest complete checkpoint of `stage_dir`, if any."""
+    # complete checkpoints only (the manifest is written last), listed without hashing
     ckpts = CheckpointManager(stage_dir / "checkpoints", keep=1, is_main=False).complete()
     if not ckpts:
         return None

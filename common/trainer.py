@@ -2,12 +2,15 @@
 
 Stages differ only by the `Task` they plug in (cross-entropy, knowledge distillation, sparsity
 regularisation): the task turns a batch into named loss terms and may adjust gradients after
-backward. The loop owns the schedule, accumulation, evaluation, checkpoints and logging.
+backward. The loop owns the schedule, accumulation, evaluation and epoch selection (on the
+validation split), checkpoints and logging.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -18,18 +21,20 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list
 from torch import nn
 
-from common.checkpoint import SHARDED_DIR, CheckpointManager, save_model
-from common.config import LoopConfig, RunConfig
-from common.data import ReplayBatchSampler, Splits, eval_batches, fresh_view_per_epoch, make_loader
+from common.checkpoint import SHARDED_DIR, CheckpointManager, atomic_dir, commit_dir, save_model
+from common.config import ConfigError, LoopConfig, RunConfig, identity_changes
+from common.data import ReplayBatchSampler, Splits, fresh_view_per_epoch, make_loader
 from common.data.loader import ViewChooser
-from common.distributed import configure_deepspeed, synchronise_batchnorm
-from common.logging import NullLogger, write_json
+from common.distributed import configure_deepspeed, synchronise_batchnorm, zero3_for_teacher
+from common.errors import StageError, TrainingError
+from common.evaluate import evaluate
+from common.logging import write_json
 from common.optim import build_optimizer, lr_at, set_lr
 from common.precision import DTYPES, at_least_float32, cast_floating
+from common.runtime import StageContext
 
 
 class Task(Protocol):
@@ -47,7 +52,7 @@ class Task(Protocol):
         ...
 
     def eval_terms(self, logits: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
-        """Extra test-split sums (e.g. teacher agreement); each is divided by the count."""
+        """Extra evaluation sums (e.g. teacher agreement); each is divided by the count."""
         ...
 
 
@@ -86,42 +91,58 @@ class TrainerState:
     elapsed_s: float = 0.0
     epoch_sums: dict[str, float] = field(default_factory=dict)  # running means of this epoch
     epoch_steps: int = 0
+    selected_epoch: int | None = None  # best validation epoch so far (in `best/`)
+    identity: dict = field(default_factory=dict)  # what the run is made from (see resume)
+    forced_resume: list[str] = field(default_factory=list)  # keys that differed, loop.resume=force
+
+
+BEST_DIR = "best"
+"""The best-on-validation weights so far, in the stage directory (written on improvement)."""
 
 
 class Trainer:
     def __init__(
         self,
         *,
-        accelerator: Accelerator,
+        ctx: StageContext,
         run: RunConfig,
         loop: LoopConfig,
+        loop_key: str,
         model: nn.Module,
         spec: dict,
         task: Task,
         splits: Splits,
-        stage_dir: Path,
-        logger: NullLogger,
         choose_views: ViewChooser = fresh_view_per_epoch,
     ):
-        self.acc, self.run, self.loop, self.task = accelerator, run, loop, task
-        self.spec, self.splits, self.stage_dir, self.log = spec, splits, stage_dir, logger
-        self.state = TrainerState()
+        """`loop_key` is where `loop` sits in the config (e.g. `distill.loop`), for messages."""
+        self.ctx, self.acc, self.run, self.loop, self.task = ctx, ctx.accelerator, run, loop, task
+        self.loop_key, self.spec, self.splits = loop_key, spec, splits
+        self.stage_dir, self.log = ctx.stage_dir, ctx.logger
+        self.state = TrainerState(identity=ctx.identity)
         self.ckpt = CheckpointManager(
-            stage_dir / "checkpoints", loop.keep_checkpoints, accelerator.is_main_process
+            self.stage_dir / "checkpoints", loop.keep_checkpoints, self.acc.is_main_process
         )
-        self.sampler = ReplayBatchSampler(
-            len(splits.train),
-            batch_size=loop.batch_size,
-            grad_accum=loop.grad_accum,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-            seed=run.seed,
-            choose_views=choose_views,
-        )
+        if loop.batch_size > len(splits.train):
+            raise ConfigError(
+                f"`{loop_key}.batch_size` {loop.batch_size} is larger than the training split "
+                f"({len(splits.train)} samples): lower it"
+            )
+        try:
+            self.sampler = ReplayBatchSampler(
+                len(splits.train),
+                batch_size=loop.batch_size,
+                grad_accum=loop.grad_accum,
+                rank=self.acc.process_index,
+                world_size=self.acc.num_processes,
+                seed=run.seed,
+                choose_views=choose_views,
+            )
+        except ValueError as e:
+            raise ConfigError(f"`{loop_key}`: {e}") from None
         self.total_steps = loop.epochs * self.sampler.steps_per_epoch
         if loop.max_steps is not None:
             self.total_steps = min(self.total_steps, loop.max_steps)
-        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.deepspeed = self.acc.distributed_type == DistributedType.DEEPSPEED
         if self.deepspeed:
             self._configure_deepspeed()
         self.dtype = DTYPES[run.dtype]
@@ -129,10 +150,10 @@ class Trainer:
         # before the optimizer: its state follows the parameters
         model = model.to(dtype=self.dtype, memory_format=self.memory_format)
         if loop.sync_bn:
-            model = synchronise_batchnorm(model, accelerator)
+            model = synchronise_batchnorm(model, self.acc)
         optimizer = build_optimizer(model, loop.optim)
         resumed = self._resume(model, optimizer)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
         if resumed is not None and self.deepspeed:
             # ZeRO optimizer shards (and the same weights) from DeepSpeed's engine checkpoint
             self.model.load_checkpoint(
@@ -146,6 +167,11 @@ class Trainer:
     def unwrapped(self) -> nn.Module:
         return self.acc.unwrap_model(self.model)
 
+    @property
+    def selection(self) -> str:
+        """`val` when there is a validation split to select on, else `none` (last epoch)."""
+        return self.loop.selection_split if self.splits.val is not None else "none"
+
     def fit(self) -> dict:
         """Train to the end of the schedule (or until preempted); returns the metrics."""
         self._install_preemption_handler()
@@ -158,44 +184,18 @@ class Trainer:
                 self._end_epoch(start)
         return self._finish(start)
 
-    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
-        """Accuracy and loss on the test split, summed over ranks without padding."""
-        model = model or self.unwrapped
-        was_training = model.training
-        model.eval()
-        sums: dict[str, torch.Tensor] = {}
-        batches = eval_batches(
-            len(self.splits.test),
-            self._eval_batch_size(),
-            self.acc.process_index,
-            self.acc.num_processes,
+    def evaluate(self, split: str = "test") -> dict[str, float]:
+        """Accuracy and loss of the current weights on `split` (val or test)."""
+        return evaluate(
+            self.unwrapped,
+            getattr(self.splits, split),
+            self.acc,
+            batch_size=max(1, self.loop.batch_size // self.acc.num_processes),
+            num_workers=self.splits.num_workers,
+            autocast=self._autocast,
+            memory_format=self.memory_format,
+            extra=self.task.eval_terms if split == "test" else None,  # per-test-sample terms
         )
-        loader = make_loader(self.splits.test, batches, self.run_num_workers())
-        with torch.no_grad():
-            for batch in loader:
-                batch = self._to_device(batch)
-                with self._autocast():
-                    logits = at_least_float32(model(batch["image"]))
-                terms = {
-                    "correct": (logits.argmax(1) == batch["label"]).sum(),
-                    "loss": F.cross_entropy(logits, batch["label"], reduction="sum"),
-                    "count": torch.tensor(len(logits), device=logits.device),
-                    **self.task.eval_terms(logits, batch),
-                }
-                for k, v in terms.items():  # float64 sums: counts stay exact at any size
-                    sums[k] = sums.get(k, 0) + v.detach().double()
-        model.train(was_training)
-        keys = sorted(sums) if sums else ["correct", "loss", "count"]
-        vec = torch.stack(
-            [torch.as_tensor(sums.get(k, 0.0), device=self.acc.device).double() for k in keys]
-        )
-        vec = self.acc.reduce(vec, reduction="sum")
-        total = dict(zip(keys, vec.tolist()))
-        count = max(total.pop("count"), 1.0)
-        out = {"acc": total.pop("correct") / count, "loss": total.pop("loss") / count}
-        out.update({k: v / count for k, v in total.items()})
-        out["num_samples"] = int(count)
-        return out
 
     # -- phases -------------------------------------------------------------------------------
 
@@ -204,7 +204,7 @@ class Trainer:
         epoch, in_epoch = divmod(self.state.step, spe)
         self.state.epoch = epoch
         self.sampler.set_epoch(epoch, start_step=in_epoch)
-        loader = make_loader(self.splits.train, self.sampler, self.run_num_workers())
+        loader = make_loader(self.splits.train, self.sampler, self.splits.num_workers)
         batches = iter(loader)
         bar = self.log.progress(spe, f"epoch {epoch + 1}/{self.loop.epochs}", initial=in_epoch)
         try:
@@ -216,6 +216,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.3g}")
                 if self.state.step % self.loop.log_every == 0:
                     logs = self._global_mean(logs)  # the global batch's, as one process logs
+                    self._check_finite_loss(logs["loss"])
                     self.log.log({f"train/{k}": v for k, v in logs.items()}, step=self.state.step)
                     self.log.append_jsonl(
                         self.stage_dir / "steps.jsonl",
@@ -292,19 +293,37 @@ class Trainer:
         means = self._global_mean({k: v / n for k, v in sums.items()})
         record.update({f"train_{k}": v for k, v in means.items()})
         self.state.epoch_sums, self.state.epoch_steps = {}, 0
+        self._check_finite_weights(epoch + 1)
         last = self.state.step >= self.total_steps
         if last or (epoch + 1) % self.loop.eval_every == 0:
-            record.update({f"test_{k}": v for k, v in self.evaluate().items()})
+            if self.splits.val is not None:
+                record.update({f"val_{k}": v for k, v in self.evaluate("val").items()})
+            record.update({f"test_{k}": v for k, v in self.evaluate("test").items()})
+            if self.selection == "val" and self._improves(record):
+                self.state.selected_epoch = epoch + 1
+                if self.acc.is_main_process:
+                    save_model(self.stage_dir / BEST_DIR, self.unwrapped, self.spec)
         record["elapsed_s"] = time.time() - start
         self.state.history.append(record)
         self.state.epoch = epoch + 1
         self.log.log({k.replace("_", "/", 1): v for k, v in record.items()}, step=self.state.step)
         if "test_acc" in record:
+            val = f", val acc {record['val_acc']:.4f}" if "val_acc" in record else ""
             self.log.info(
                 f"epoch {epoch + 1}/{self.loop.epochs}: train loss "
-                f"{record.get('train_loss', float('nan')):.4f}, test acc {record['test_acc']:.4f}"
+                f"{record.get('train_loss', float('nan')):.4f}{val}, test acc "
+                f"{record['test_acc']:.4f}"
             )
         self._checkpoint(elapsed=record["elapsed_s"])
+
+    def _improves(self, record: dict) -> bool:
+        """Strictly better validation accuracy than the selected epoch (ties keep the earlier:
+        the choice must not depend on anything but the validation split)."""
+        chosen = self.state.selected_epoch
+        if chosen is None:
+            return True
+        best = next(h for h in self.state.history if h["epoch"] == chosen)
+        return record["val_acc"] > best["val_acc"]
 
     def _checkpoint(self, elapsed: float | None = None) -> None:
         if elapsed is not None:
@@ -329,11 +348,15 @@ class Trainer:
     def _finish(self, start: float) -> dict:
         history = self.state.history
         evaluated = [h for h in history if "test_acc" in h]
-        best = max(evaluated, key=lambda h: h["test_acc"]) if evaluated else None
+        chosen = self.state.selected_epoch if self.selection == "val" else None
+        selected = next((h for h in evaluated if h["epoch"] == chosen), None)
+        if selected is None and evaluated:
+            selected = evaluated[-1]
         metrics = {
+            "selected": selected,
+            "selection_split": self.selection,
             "last": evaluated[-1] if evaluated else None,
-            "best": best,
-            "selection_split": "test",
+            "splits": self.splits.sizes(),
             "history": history,
             "steps": self.state.step,
             "world_size": self.acc.num_processes,
@@ -341,11 +364,39 @@ class Trainer:
             "wall_s": time.time() - start,
             "model_dir": str(self.stage_dir / "model"),
         }
+        if self.state.forced_resume:
+            metrics["resumed_with_changed_config"] = self.state.forced_resume
         if self.acc.is_main_process:
-            save_model(self.stage_dir / "model", self.unwrapped, self.spec)
+            best, final = self.stage_dir / BEST_DIR, self.stage_dir / "model"
+            if chosen is not None and best.is_dir() and chosen != evaluated[-1]["epoch"]:
+                tmp = atomic_dir(final)
+                shutil.copytree(best, tmp, dirs_exist_ok=True)
+                commit_dir(tmp, final)
+            else:
+                save_model(final, self.unwrapped, self.spec)
+            shutil.rmtree(best, ignore_errors=True)
             write_json(self.stage_dir / "metrics.json", metrics)
         self.acc.wait_for_everyone()
         return metrics
+
+    # -- checks -------------------------------------------------------------------------------
+
+    def _check_finite_loss(self, loss: float) -> None:
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"the training loss became {loss} at step {self.state.step}: training diverged "
+                f"and nothing was saved; lower `{self.loop_key}.optim.lr` (now "
+                f"{self.loop.optim.lr}) or check the loss settings (e.g. a KD temperature)"
+            )
+
+    def _check_finite_weights(self, epoch: int) -> None:
+        bad = [n for n, p in self.unwrapped.state_dict().items() if not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingError(
+                f"{len(bad)} weight tensors are NaN or infinite after epoch {epoch} (e.g. "
+                f"{bad[0]}): training diverged and nothing was saved; lower "
+                f"`{self.loop_key}.optim.lr` (now {self.loop.optim.lr})"
+            )
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -358,30 +409,42 @@ class Trainer:
             return torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=bf16)
         return self.acc.autocast()
 
-    def _latest_checkpoint(self) -> Path | None:
+    def _latest_checkpoint(self) -> str:
         """Rank 0 checksums the candidates and tells the others which one to load: the files
         (every rank's ZeRO shard included) are read once, not once per rank, and every rank
         resumes from the same step."""
         found = [str(self.ckpt.latest() or "") if self.acc.is_main_process else ""]
         if self.acc.num_processes > 1:
             broadcast_object_list(found)
-        return Path(found[0]) if found[0] else None
+        return found[0]
 
-    def _resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Path | None:
-        path = self._latest_checkpoint() if self.loop.resume else None
-        if path is None:
+    def _resume(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        found = self._latest_checkpoint() if self.loop.resume else ""
+        if not found:
             return None
+        path = Path(found)
         blob = CheckpointManager.load(path)
+        state = TrainerState(**blob["state"])
+        changed = identity_changes(state.identity, self.ctx.identity)
+        if changed and self.loop.resume != "force":
+            raise StageError(
+                f"{path} was made under another configuration ({'; '.join(changed)}): resuming "
+                f"would mix the two. Restore those values, remove {self.stage_dir}, or set "
+                f"`{self.loop_key}.resume=force` to resume anyway (recorded in metrics.json)"
+            )
         model.load_state_dict(blob["model"])
         if self.deepspeed != (path / SHARDED_DIR).is_dir():
-            raise ValueError(
+            raise StageError(
                 f"{path} was written {'with' if not self.deepspeed else 'without'} DeepSpeed; "
-                f"resume it with the same launcher (or set train.loop.resume=false)"
+                f"resume it with the same launcher (or set {self.loop_key}.resume=false)"
             )
         if not self.deepspeed:  # DeepSpeed: its engine loads the shards after prepare
             optimizer.load_state_dict(blob["optimizer"])
         torch.set_rng_state(blob["torch_rng"])
-        self.state = TrainerState(**blob["state"])
+        self.state = state
+        if changed:
+            self.state.forced_resume = sorted(set(self.state.forced_resume) | set(changed))
+            self.state.identity = self.ctx.identity
         self.log.info(f"resumed from {path} (step {self.state.step}, epoch {self.state.epoch})")
         return path
 
@@ -389,9 +452,16 @@ class Trainer:
         """DeepSpeed needs our batch split in its config (no dataloader goes to `prepare`),
         and gradient edits after backward do not reach a ZeRO step."""
         if getattr(self.task, "penalty_in_loss", True) is False:
-            raise ValueError(
+            raise ConfigError(
                 "under DeepSpeed the L1 subgradient cannot be added after backward (ZeRO "
                 "partitions the gradients): set sparsity.penalty_in_loss=true"
+            )
+        if zero3_for_teacher(self.acc) and not getattr(self.task, "live_teacher", False):
+            raise ConfigError(
+                "the ZeRO-3 launch config (deepspeed_zero3.yaml) shards a large frozen live "
+                "teacher (distill.mode=online, finetune.kd_from=live) while the student trains "
+                "under ZeRO-2; this stage runs no live teacher: use deepspeed_zero2.yaml, "
+                "deepspeed_zero1.yaml or plain DDP"
             )
         configure_deepspeed(
             self.acc,
@@ -421,9 +491,3 @@ class Trainer:
         batch = cast_floating(batch, self.dtype, self.acc.device)
         batch["image"] = batch["image"].contiguous(memory_format=self.memory_format)
         return batch
-
-    def _eval_batch_size(self) -> int:
-        return max(1, self.loop.batch_size // self.acc.num_processes)
-
-    def run_num_workers(self) -> int:
-        return self.splits.num_workers

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from common.config import ConfigError, LoopConfig, ModelConfig
+from common.config import (
+    POSITIVE_INT,
+    ConfigError,
+    KDConfig,
+    LoopConfig,
+    ModelConfig,
+    Range,
+)
 
 
 @dataclass(kw_only=True)
@@ -14,7 +21,7 @@ class TeacherConfig:
     registry/torchvision model with a local weights file."""
 
     path: str | None = None
-    """Model directory written by a stage, e.g. runs/x/teachers/resnet56/model."""
+    """Model directory written by a stage, e.g. runs/x/train/cifar_resnet56-s0/model."""
     model: str | None = None
     """Registry or tv_<torchvision> name, used with `weights` when `path` is not set."""
     weights: str | None = None
@@ -24,7 +31,7 @@ class TeacherConfig:
 
     def __post_init__(self):
         if (self.path is None) == (self.model is None):
-            raise ConfigError("each teacher needs exactly one of `path` or `model`")
+            raise ConfigError("each entry of `cache.teachers` needs exactly one of path or model")
         if self.model is not None and self.weights is None:
             raise ConfigError(f"teacher `{self.model}` needs `weights` (a local state dict file)")
 
@@ -34,61 +41,70 @@ class CacheConfig:
     """`cache` / `verify-cache`: teacher soft targets for V replayable views of every sample."""
 
     dir: str | None = None
-    """Cache root; default `<run.out_dir>/cache`."""
+    """Where the cache lives. None: `<run.out_dir>/cache/data`. `auto`: a directory named by
+    the cache's content (data, views, teachers' weights, storage) under `cache.root`, so runs
+    and seeds that ask for the same cache share it with no coordination. Any other path: that
+    directory. A cache is never moved or rebuilt in place: one made for another request is
+    refused with the list of differences."""
+    root: str = "runs/caches"
+    """Parent of the content-addressed directories of `cache.dir: auto`."""
     teachers: list[TeacherConfig] = field(default_factory=list)
-    """The ensemble; default: the model of the `train` stage (`<run.out_dir>/train/model`)."""
-    views: int = 4
+    """The ensemble; default: every member of this run's `train` stage."""
+    views: Annotated[int, Range(ge=1, le=65535)] = 4
     """Augmented views cached per sample (view_id 0..views-1)."""
     plain_first: bool = False
     """View 0 is the un-augmented evaluation view."""
     storage: Literal["full", "topk"] = "full"
-    """full: all class logits (float16); topk: k largest (index + float16 value) + logsumexp."""
-    topk: int = 10
-    """Classes kept per row with storage=topk."""
-    ensemble: Literal["probs", "logits"] = "probs"
-    """Average teachers in probability space (stored as log of the mean probability) or logits."""
+    """full: all class logits; topk: the k largest (index + value) and the logsumexp."""
+    topk: POSITIVE_INT = 10
+    """Classes kept per row with storage=topk (at most the class count)."""
     logit_dtype: Literal["float16", "float32", "float64"] = "float16"
     """Storage precision of logits (float16: 2 bytes per class, relative rounding 4.9e-4;
     float64 with `run.dtype: float64` makes cached targets equal live ones, for tests)."""
+    ensemble: Literal["probs", "logits"] = "probs"
+    """Average teachers in probability space (stored as log of the mean probability) or logits."""
     per_teacher: bool = False
-    """Also store every teacher's full float16 logits (column t<i>_logits)."""
-    batch_size: int = 256
+    """Also store every teacher's logits (column t<i>_logits)."""
+    batch_size: POSITIVE_INT = 256
     """Rows (sample x view) per teacher forward pass; also the unit shards are cut in."""
-    rows_per_part: int = 16384
+    rows_per_part: POSITIVE_INT = 16384
     """Rows written per resumable part file: a killed job loses at most one part per process."""
-    num_shards: int | None = None
+    num_shards: Annotated[int | None, Range(ge=1)] = None
     """Shards of the cache; default: SLURM_ARRAY_TASK_COUNT, else the number of processes."""
-    shard_index: int | None = None
+    shard_index: Annotated[int | None, Range(ge=0)] = None
     """The one shard this process writes (job arrays); default: SLURM_ARRAY_TASK_ID."""
-    verify_samples: int = 64
+    verify_samples: POSITIVE_INT = 64
     """verify-cache: rows re-scored by the teachers and compared with the cache."""
 
     def __post_init__(self):
-        if self.views < 1:
-            raise ConfigError(f"cache.views must be >= 1, got {self.views}")
-        if self.topk < 1:
-            raise ConfigError(f"cache.topk must be >= 1, got {self.topk}")
-        if self.batch_size < 1 or self.rows_per_part < self.batch_size:
-            raise ConfigError("cache.rows_per_part must be >= cache.batch_size >= 1")
+        if self.rows_per_part < self.batch_size:
+            raise ConfigError(
+                f"`cache.rows_per_part` ({self.rows_per_part}) must be >= `cache.batch_size` "
+                f"({self.batch_size})"
+            )
+        shards, index = self.num_shards, self.shard_index
+        if shards is not None and index is not None and index >= shards:
+            raise ConfigError(f"`cache.shard_index` {index} must be < `cache.num_shards` {shards}")
 
 
 @dataclass(kw_only=True)
 class DistillConfig:
-    """`distill`: train a student on the ensemble's soft targets."""
+    """`distill` and `distill-ce`: students trained on the ensemble's soft targets, and their
+    label-only twins, with every setting but the loss shared."""
 
-    mode: Literal["cached", "online", "ce"] = "cached"
-    """cached: soft targets from the cache; online: teachers run every step; ce: labels only."""
+    mode: Literal["cached", "online"] = "cached"
+    """cached: soft targets from the cache; online: the teachers run every step."""
     student: ModelConfig = field(default_factory=lambda: ModelConfig(name="cifar_resnet20"))
     """The student network."""
-    temperature: float = 4.0
-    """KD temperature T."""
-    alpha: float = 0.9
-    """Weight of the KD term; (1 - alpha) weighs cross-entropy with the labels."""
-    seed: int | None = None
-    """Seed of the student's initialisation, batch order and view choice (default run.seed);
-    the views themselves stay those the cache was built with (run.seed), so several student
-    seeds share one cache."""
-    topk_tail: Literal["uniform"] = "uniform"
-    """How a top-k cache's missing probability mass is spread (see distill/losses.py)."""
+    kd: KDConfig = field(default_factory=KDConfig)
+    """Temperature and weight of the KD term."""
+    seeds: Annotated[list[int] | None, Range(ge=0)] = None
+    """One CE and one KD student per seed (initialisation, batch order, choice among the cached
+    views), all against the one cache; default [run.seed]. The report gives every seed, the
+    mean and the spread."""
     loop: LoopConfig = field(default_factory=LoopConfig)
-    """Schedule, batch and checkpoints of the student."""
+    """Schedule, batch and checkpoints of the students."""
+
+    def __post_init__(self) -> None:
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ConfigError(f"`distill.seeds` must be distinct seeds, got {self.seeds}")

@@ -85,6 +85,11 @@ class KDTask:
         self.teacher, self.T, self.alpha = teacher, T, alpha
         self.test_teacher_logits = test_teacher_logits  # [N_test, C] or None
 
+    @property
+    def live_teacher(self) -> bool:
+        """Teachers run in the loop (what a ZeRO-3 launch config shards)."""
+        return isinstance(self.teacher, OnlineTeacher)
+
     def losses(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         logits = model(batch["image"])
         t = self.teacher.targets(batch)
@@ -95,6 +100,7 @@ class KDTask:
         return {}
 
     def eval_terms(self, logits: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """Agreement with the ensemble on the test split (the trainer asks on test only)."""
         if self.test_teacher_logits is None:
             return {}
         t = self.test_teacher_logits[batch["sample_id"].cpu()].to(logits.device).float()

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.checkpoint import MODEL_FILE, file_sha256, load_model, model_spec
+from common.checkpoint import MODEL_FILE, file_sha256, load_model, model_spec, read_spec
+from common.errors import ConfigError, ModelFileError
 from common.models import build_model
 from common.precision import at_least_float32
 from distill.config import TeacherConfig
@@ -50,25 +51,36 @@ class Ensemble(nn.Module):
         return combine(per, self.mode), per
 
 
-def load_teacher(cfg: TeacherConfig, num_classes: int) -> tuple[nn.Module, dict]:
+def teacher_identity(cfg: TeacherConfig, num_classes: int) -> dict:
+    """Architecture and weights checksum of a teacher, read without building it: what a cache
+    manifest records and what a cache request is matched on."""
     if cfg.path is not None:
-        model, spec = load_model(cfg.path)
+        spec = read_spec(cfg.path)
         weights = Path(cfg.path) / MODEL_FILE
     else:
-        model = build_model(cfg.model, num_classes, weights=cfg.weights, **cfg.kwargs)
         spec = model_spec(cfg.model, num_classes, cfg.kwargs)
-        weights = cfg.weights
+        weights = Path(cfg.weights)
     if spec["num_classes"] != num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"teacher {cfg.path or cfg.model} predicts {spec['num_classes']} classes but the "
-            f"dataset has {num_classes}"
+            f"dataset has {num_classes}: check `cache.teachers` and `data.name`"
         )
-    identity = {"spec": spec, "weights_sha256": file_sha256(weights) if weights else None}
+    if not weights.is_file():
+        raise ModelFileError(f"teacher weights {weights} do not exist")
+    return {"spec": spec, "weights_sha256": file_sha256(weights)}
+
+
+def load_teacher(cfg: TeacherConfig, num_classes: int) -> tuple[nn.Module, dict]:
+    identity = teacher_identity(cfg, num_classes)
+    if cfg.path is not None:
+        model, _ = load_model(cfg.path)
+    else:
+        model = build_model(cfg.model, num_classes, weights=cfg.weights, **cfg.kwargs)
     return model, identity
 
 
 def build_ensemble(cfgs: list[TeacherConfig], num_classes: int, mode: str) -> Ensemble:
     if not cfgs:
-        raise ValueError("no teachers configured: set cache.teachers (a list of model dirs)")
+        raise ConfigError("no teachers configured: set cache.teachers (a list of model dirs)")
     loaded = [load_teacher(c, num_classes) for c in cfgs]
     return Ensemble([m for m, _ in loaded], [i for _, i in loaded], mode)

@@ -1,81 +1,120 @@
-"""kdslim command line: `python -m launch <stage> --config FILE [dotted.key=value ...]`.
+"""kdslim command line.
 
-Also runs under `accelerate launch [flags] -m launch <stage> ...`: every process parses the
-same arguments and the stage finds its rank from the environment accelerate sets.
+    python -m launch STAGE[:INSTANCE] --config FILE [dotted.key=value ...]
+    python -m launch pipeline --config FILE [...]     # every stage of the run, in order
+    python -m launch plan --config FILE [--stages A,B] [...]   # the run as scheduler jobs
+    python -m launch models
+
+Also runs under `accelerate launch [flags] -m launch ...`: every process parses the same
+arguments and finds its rank from the environment accelerate sets. The stages and their help
+come from the stage graph (`launch.graph.STAGES`).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import sys
+from pathlib import Path
 
-STAGES = {
-    "train": "supervised training of a registered model (teachers, CE baselines)",
-    "sparsity": "network slimming: train with L1 on every BatchNorm scale",
-    "prune": "network slimming: global |gamma| threshold, remove coupled channels, shrink",
-    "finetune": "fine-tune a pruned model (optional live KD, or the scratch-B baseline)",
-    "cache": "write the teacher ensemble's soft targets for V views of every sample",
-    "verify-cache": "check a cache: completeness, checksums, re-scored spot check",
-    "distill": "train the student on cached (or live) soft targets, or labels (mode=ce)",
-    "pipeline": "the whole run: teachers, cache, students, slimming, export, report",
-    "report": "collect every stage's results into <out_dir>/report.json and report.md",
+from launch.graph import STAGES
+
+COMMANDS = {
+    "pipeline": "the whole run: every stage in order, skipping the complete ones",
+    "plan": "print the run as jobs with their dependencies (JSON; slurm/submit.sh submits it)",
+    "models": "list the registered model names",
 }
-
-EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 1, 2, 75
+EXIT_PREEMPTED = 75
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
+    stages = "\n".join(f"  {s.name:<13} {s.help}" for s in STAGES)
+    commands = "\n".join(f"  {k:<13} {v}" for k, v in COMMANDS.items())
     parser = argparse.ArgumentParser(
         prog="python -m launch",
         description="Distil a teacher ensemble into a small student, then slim it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="stages:\n"
-        + "\n".join(f"  {k:<13} {v}" for k, v in STAGES.items())
-        + "\n  models        list the registered model names"
-        + "\n\nexample: python -m launch train --config configs/quickstart.yaml "
-        "train.loop.epochs=3",
+        epilog=f"stages (STAGE runs all its instances, STAGE:INSTANCE one):\n{stages}\n\n"
+        f"commands:\n{commands}\n\nexample: python -m launch train --config "
+        "configs/quickstart.yaml train.loop.epochs=3",
     )
-    parser.add_argument(
-        "stage",
-        choices=[*STAGES, "models"],
-        metavar="stage",
-        help="one of: " + ", ".join([*STAGES, "models"]),
-    )
+    parser.add_argument("target", metavar="STAGE|COMMAND", help="a stage or a command below")
     parser.add_argument("--config", "-c", help="YAML run configuration (see configs/)")
+    parser.add_argument("--stages", help="plan: a comma-separated subset of the run's stages")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    if args.stage == "models":
+    if args.target == "models":
         from common.models import list_models
 
         print("\n".join(list_models()))
         print("tv_<name>: any torchvision classifier (weights from a local file)")
         return 0
 
-    from common.config import ConfigError, load_config
-    from common.data import DataError
+    from common.config import load_config
+    from common.errors import KdslimError
     from common.trainer import Preempted
-    from distill.cache import CacheError
     from launch.config import Config
 
     try:
         cfg = load_config(Config, args.config, args.overrides)
-        stage = importlib.import_module(f"launch.stages.{args.stage.replace('-', '_')}")
-        stage.run(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+        if args.target == "plan":
+            from launch.plan import plan
+
+            stages = args.stages.split(",") if args.stages else None
+            config = str(Path(args.config).resolve()) if args.config else None
+            print(json.dumps(plan(cfg, config, args.overrides, stages), indent=1))
+            return 0
+        return run(cfg, args.target)
+    except KdslimError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except CacheError as e:
+        return e.exit_code
+    except OSError as e:  # a file that cannot be read or written: its path is in the message
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return 1
     except Preempted as e:
         print(f"preempted: {e}; run the same command again to resume", file=sys.stderr)
         return EXIT_PREEMPTED
+
+
+def run(cfg, target: str) -> int:
+    """Run the pipeline, a stage (all its instances) or one node, in this process."""
+    from common.runtime import Runtime
+    from launch import graph
+    from launch.runner import run_node
+
+    if target == "pipeline":
+        nodes = graph.nodes(cfg)
+    else:
+        node = graph.check_node(cfg, target)
+        stage = graph.BY_NAME[node.stage]
+        instances = [node.instance] if node.instance else stage.instances(cfg)
+        nodes = [graph.Node(node.stage, i) for i in instances]
+    runtime = Runtime(cfg)
+    say = print if runtime.is_main else (lambda *a, **k: None)
+    if target == "pipeline":
+        names = ", ".join(n.name for n in nodes)
+        say(f"pipeline: {len(nodes)} steps into {cfg.run.out_dir}: {names}")
+    summary = {n.name: run_node(cfg, runtime, n, say) for n in nodes}
+    if target in ("pipeline", "report"):
+        _show_report(cfg, summary, say)
+    runtime.end()
     return 0
+
+
+def _show_report(cfg, summary: dict, say) -> None:
+    from launch.graph import Node, directory
+    from launch.report_render import results_table
+
+    ran = [k for k, v in summary.items() if v["state"] == "ran"]
+    say(f"{len(ran)} step(s) ran ({', '.join(ran) or 'none'}), {len(summary) - len(ran)} skipped")
+    report = directory(cfg, Node("report")) / "report.json"
+    if report.is_file():
+        say(results_table(json.loads(report.read_text())))
+        say(f"report: {report.resolve()} and {report.with_suffix('.md').resolve()}")
 
 
 if __name__ == "__main__":

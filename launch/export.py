@@ -1,30 +1,25 @@
 """Export the final student for deployment: safetensors + spec, TorchScript and ONNX.
 
 Every format is loaded back and run on the same random batch as the PyTorch model; the
-largest absolute output difference must stay within `pipeline.export_atol`. Files are written
-into a temporary directory and renamed to `<run.out_dir>/export/` when all are done, with the
-check results in `export.json` (written last).
+largest absolute output difference must stay within `pipeline.export_atol`. The files are
+written into a temporary directory inside the stage directory and moved into place when all
+are done and checked, with the check results in `export.json` (moved last).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 import warnings
 from pathlib import Path
 
 import torch
 
-from common.checkpoint import (
-    MODEL_FILE,
-    SPEC_FILE,
-    atomic_dir,
-    commit_dir,
-    load_model,
-    write_model_files,
-)
-from common.config import save_config
+from common.checkpoint import MODEL_FILE, SPEC_FILE, atomic_dir, load_model, write_model_files
 from common.data import build_splits
+from common.errors import KdslimError
 from common.logging import write_json
 
 
@@ -52,10 +47,9 @@ def export_student(cfg, model_dir: Path, out: Path) -> dict:
     with torch.inference_mode():
         ref, ref_other = model(x), model(x_other)
 
-    tmp = atomic_dir(out)
+    tmp = atomic_dir(out / "files")
     (tmp / "model").mkdir()
     write_model_files(tmp / "model", model, spec)
-    save_config(cfg, tmp / "config.yaml")  # what the pipeline's completion check compares
     checks = {"safetensors": _check(load_model(tmp / "model")[0].eval(), x, ref, p.export_atol)}
 
     with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export,
@@ -90,11 +84,24 @@ def export_student(cfg, model_dir: Path, out: Path) -> dict:
         "checks": checks,
         "ok": all(c["ok"] for c in checks.values()),
     }
-    write_json(tmp / "export.json", result)
-    commit_dir(tmp, out)
     if not result["ok"]:
-        raise RuntimeError(f"export check failed: {json.dumps(checks)} (see {out}/export.json)")
+        write_json(out / "export_failed.json", result)
+        raise ExportError(
+            f"export check failed: {json.dumps(checks)} (see {out}/export_failed.json); a "
+            f"model with data-dependent control flow cannot be traced"
+        )
+    write_json(tmp / "export.json", result)
+    for path in sorted(tmp.rglob("*"), key=lambda p: p.name == "export.json"):
+        if path.is_file():  # export.json last: its presence means the rest is in place
+            dest = out / path.relative_to(tmp)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, dest)
+    shutil.rmtree(tmp)
     return result
+
+
+class ExportError(KdslimError):
+    """An exported format does not reproduce the PyTorch model's outputs."""
 
 
 def _check(module, x: torch.Tensor, ref: torch.Tensor, atol: float) -> dict:

@@ -1,150 +1,289 @@
 """Collect a finished (or partly finished) run's results into one dict: `report.json`.
 
-Every number is read from a stage's own output files; a field is null where its stage did
-not run, never filled in from elsewhere.
+Every number is read from a stage's own output files; a field is null where its stage did not
+run, never filled in from elsewhere. Accuracies are test accuracies of the epoch each stage
+chose on its validation split. Comparisons are claims: every seed is listed with the mean and
+the spread, and the verdict says whether a difference exceeds the seeds' noise.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
-from common.config import ConfigError
-from distill.cache.setup import cache_root, teacher_configs
+from launch import graph
+from launch.graph import Node
 
 
 def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
-def _last(metrics: dict | None, key: str = "test_acc"):
-    return ((metrics or {}).get("last") or {}).get(key)
+def chosen(metrics: dict | None, key: str = "test_acc"):
+    """A value of the epoch the stage chose (on validation), else None."""
+    return ((metrics or {}).get("selected") or {}).get(key)
 
 
-def _best(metrics: dict | None, key: str = "test_acc"):
-    return ((metrics or {}).get("best") or {}).get(key)
-
-
-def stage_metrics(cfg) -> dict[str, dict | None]:
-    out, croot = Path(cfg.run.out_dir), cache_root(cfg)
-    files = {
-        "train": out / "train" / "metrics.json",
-        "cache": croot / "metrics.json",
-        "manifest": croot / "manifest.json",
-        "verify": croot / "verify" / "metrics.json",
-        "distill-ce": out / "distill-ce" / "metrics.json",
-        "distill": out / "distill" / "metrics.json",
-        "sparsity": out / "sparsity" / "metrics.json",
-        "prune": out / "prune" / "metrics.json",
-        "finetune": out / "finetune" / "metrics.json",
-        "export": out / "export" / "export.json",
-    }
-    return {k: read_json(p) for k, p in files.items()}
-
-
-def collect(cfg, m: dict[str, dict | None]) -> dict:
-    """The report from `m`, the `stage_metrics(cfg)` of the same run."""
-    manifest, kd, prune = m["manifest"] or {}, m["distill"], m["prune"]
-    before, after = (prune or {}).get("before") or {}, (prune or {}).get("after") or {}
+def node_metrics(cfg) -> dict[Node, dict | None]:
+    """Every node of the run's own metrics file, read once."""
+    names = {"export": "export.json"}
     return {
-        "out_dir": str(cfg.run.out_dir),
-        "teachers": _teachers(cfg, manifest),
-        "ensemble": {
-            "acc": _last(kd, "test_teacher_acc"),  # on the test split, measured by `distill`
-            "acc_on_cached_views": manifest.get("ensemble_acc_on_cached_views"),
-            "mode": manifest.get("ensemble"),
+        n: read_json(graph.directory(cfg, n) / names.get(n.stage, "metrics.json"))
+        for n in graph.nodes(cfg)
+        if n.stage != "report"
+    }
+
+
+def _of(m: dict[Node, dict | None], stage: str) -> list[tuple[Node, dict | None]]:
+    return [(n, v) for n, v in m.items() if n.stage == stage]
+
+
+def seeds_summary(rows: list[dict]) -> dict:
+    """{"seeds": rows, "mean", "std" (sample, n-1; null below 2 seeds), "n"} of `acc`."""
+    accs = [r["acc"] for r in rows if r["acc"] is not None]
+    return {
+        "seeds": rows,
+        "n": len(accs),
+        "mean": statistics.fmean(accs) if accs else None,
+        "std": statistics.stdev(accs) if len(accs) >= 2 else None,
+    }
+
+
+def _students(m: dict, stage: str) -> dict:
+    rows = []
+    for node, metrics in _of(m, stage):
+        row = {
+            "seed": int(node.instance.removeprefix("seed")),
+            "acc": chosen(metrics),
+            "val_acc": chosen(metrics, "val_acc"),
+            "epoch": chosen(metrics, "epoch"),
+        }
+        if stage == "distill":
+            row["teacher_agreement"] = chosen(metrics, "test_teacher_agreement")
+        rows.append(row)
+    return seeds_summary(rows)
+
+
+def kd_gain(ce: dict, kd: dict) -> dict | None:
+    """KD minus CE, in accuracy, with the seeds' noise: the larger of the two sample stds.
+    "Larger than the noise" means larger than twice that spread."""
+    if ce["mean"] is None or kd["mean"] is None:
+        return None
+    gain = kd["mean"] - ce["mean"]
+    spreads = [s for s in (ce["std"], kd["std"]) if s is not None]
+    spread = max(spreads) if len(spreads) == 2 else None
+    return {
+        "gain": gain,
+        "spread": spread,
+        "n": min(ce["n"], kd["n"]),
+        "beyond_noise": None if spread is None else gain > 2 * spread,
+    }
+
+
+def _teachers(cfg, m: dict, manifest: dict) -> list[dict]:
+    cached = manifest.get("teachers") or []
+    out = []
+    if graph.external_teachers(cfg) is None:
+        for i, member in enumerate(graph.members(cfg)):
+            metrics = m.get(Node("train", member.name))
+            out.append(
+                {
+                    "name": member.name,
+                    "model": member.model.name,
+                    "acc": chosen(metrics),
+                    "val_acc": chosen(metrics, "val_acc"),
+                    "acc_on_cached_views": (cached[i] if i < len(cached) else {}).get(
+                        "acc_on_cached_views"
+                    ),
+                }
+            )
+    else:
+        for i, t in enumerate(cfg.cache.teachers):
+            trained = read_json(Path(t.path).parent / "metrics.json") if t.path else None
+            out.append(
+                {
+                    "name": t.path or t.model,
+                    "model": ((cached[i] if i < len(cached) else {}).get("spec") or {}).get("name"),
+                    "acc": chosen(trained),
+                    "val_acc": chosen(trained, "val_acc"),
+                    "acc_on_cached_views": (cached[i] if i < len(cached) else {}).get(
+                        "acc_on_cached_views"
+                    ),
+                }
+            )
+    return out
+
+
+def _ensemble(teachers: list[dict], kd_rows: list[dict | None], manifest: dict) -> dict:
+    acc = next((chosen(r, "test_teacher_acc") for r in kd_rows if r), None)
+    members = [t for t in teachers if t["acc"] is not None]
+    best = max(members, key=lambda t: t["acc"]) if members else None
+    return {
+        "members": len(teachers),
+        "acc": acc,  # on the test split, measured by `distill` (the same for every seed)
+        "acc_on_cached_views": manifest.get("ensemble_acc_on_cached_views"),
+        "mode": manifest.get("ensemble"),
+        "best_member": best["name"] if best else None,
+        "best_member_acc": best["acc"] if best else None,
+        "gain_over_best_member": None if acc is None or best is None else acc - best["acc"],
+    }
+
+
+def _slim(cfg, m: dict) -> dict:
+    sparsity, prune, finetune = (m.get(Node(s)) for s in ("sparsity", "prune", "finetune"))
+    before, after = (prune or {}).get("before") or {}, (prune or {}).get("after") or {}
+    source = graph.inputs(cfg, Node("sparsity")).get("model") if sparsity else None
+    unpruned = m.get(source) if isinstance(source, Node) else None
+    return {
+        "model": None if source is None else getattr(source, "name", str(source)),
+        "unpruned_acc": chosen(unpruned),
+        "sparsity": None
+        if sparsity is None
+        else {
+            "acc": chosen(sparsity),
+            "s": sparsity.get("s"),
+            "shrink": sparsity.get("shrink"),
+            "separation": (sparsity.get("separation") or {}).get("after"),
         },
+        "baseline": {
+            "params": before.get("params"),
+            "macs": before.get("macs"),
+            "acc": before.get("test_acc"),
+            "latency_ms": before.get("latency_ms"),
+        },
+        "pruned": {
+            "params": after.get("params"),
+            "macs": after.get("macs"),
+            "acc_before_finetune": after.get("test_acc"),
+            "acc": chosen(finetune),
+            "latency_ms": after.get("latency_ms"),
+        },
+        "target": (prune or {}).get("target"),
+        "prune_ratio": (prune or {}).get("ratio"),
+        "threshold_separation": (prune or {}).get("separation"),
+        "params_ratio": (prune or {}).get("params_ratio"),
+        "macs_ratio": (prune or {}).get("macs_ratio"),
+        "latency_ratio": (prune or {}).get("latency_ratio"),
+        "channels": (prune or {}).get("channels"),
+        "per_layer": (prune or {}).get("per_layer"),
+    }
+
+
+def collect(cfg, m: dict[Node, dict | None]) -> dict:
+    """The report from `m`, the `node_metrics(cfg)` of the same run."""
+    cache_metrics = m.get(Node("cache")) or {}
+    manifest = (
+        read_json(Path(cache_metrics["cache_dir"]) / "manifest.json")
+        if cache_metrics.get("cache_dir")
+        else None
+    ) or {}
+    verify = m.get(Node("verify-cache")) or {}
+    teachers = _teachers(cfg, m, manifest)
+    ce, kd = _students(m, "distill-ce"), _students(m, "distill")
+    splits = next((v["splits"] for v in m.values() if v and "splits" in v), None)
+    report = {
+        "out_dir": str(cfg.run.out_dir),
+        "splits": splits,
+        "selection": "best epoch on the validation split; test accuracy of that epoch",
+        "teachers": teachers,
+        "ensemble": _ensemble(teachers, [v for _, v in _of(m, "distill")], manifest),
         "cache": {
+            "dir": cache_metrics.get("cache_dir"),
             "num_samples": (manifest.get("dataset") or {}).get("num_samples"),
             "views_per_sample": (manifest.get("views") or {}).get("count"),
             "bytes": manifest.get("bytes"),
             "storage": (manifest.get("storage") or {}).get("mode"),
-            "teacher_top1_agreement": (m["verify"] or {}).get("top1_agreement"),
-            "verify_max_abs_diff": (m["verify"] or {}).get("max_abs_diff"),
-            "verify_rows_checked": (m["verify"] or {}).get("rows_checked"),
+            "teacher_top1_agreement": verify.get("top1_agreement"),
+            "verify_max_abs_diff": verify.get("max_abs_diff"),
+            "verify_rows_checked": verify.get("rows_checked"),
         },
-        "student_ce": _student(m["distill-ce"]),
-        "student_kd": {
-            **_student(kd),
-            "teacher_agreement": _last(kd, "test_teacher_agreement"),
-            "teacher_kl": _last(kd, "test_teacher_kl"),
-        },
-        "slim": {
-            "sparsity_acc": _last(m["sparsity"]),
-            "baseline": {
-                "params": before.get("params"),
-                "macs": before.get("macs"),
-                "acc": before.get("test_acc"),
-                "latency_ms": before.get("latency_ms"),
-            },
-            "pruned": {
-                "params": after.get("params"),
-                "macs": after.get("macs"),
-                "acc_before_finetune": after.get("test_acc"),
-                "acc": _last(m["finetune"]),
-                "latency_ms": after.get("latency_ms"),
-            },
-            "prune_ratio": (prune or {}).get("ratio"),
-            "params_ratio": (prune or {}).get("params_ratio"),
-            "macs_ratio": (prune or {}).get("macs_ratio"),
-            "channels": (prune or {}).get("channels"),
-            "per_layer": (prune or {}).get("per_layer"),
-        },
+        "student_ce": ce,
+        "student_kd": kd,
+        "kd_gain": kd_gain(ce, kd),
+        "slim": _slim(cfg, m),
         "export": None
-        if m["export"] is None
-        else {
-            "ok": m["export"]["ok"],
-            "source": m["export"]["source"],
-            "files": m["export"]["files"],
-            "checks": m["export"]["checks"],
-        },
+        if m.get(Node("export")) is None
+        else {k: m[Node("export")][k] for k in ("ok", "source", "files", "checks")},
     }
+    report["verdict"] = verdict(report)
+    return report
 
 
-def _student(metrics: dict | None) -> dict:
-    return {
-        "acc": _last(metrics),
-        "best_acc": _best(metrics),
-        "epochs": len((metrics or {}).get("history") or []) or None,
-    }
+def _pts(x: float) -> str:
+    """A difference of accuracies in percentage points."""
+    return f"{100 * x:+.1f}"
 
 
-def _teachers(cfg, manifest: dict) -> list[dict]:
-    """Per teacher: test accuracy (from the metrics.json next to its model directory, when
-    it was trained by a stage) and accuracy on the cached training views (from the cache)."""
-    try:
-        cfgs = teacher_configs(cfg)
-    except ConfigError:
-        cfgs = []
-    cached = manifest.get("teachers") or []
-    out = []
-    for i in range(max(len(cfgs), len(cached))):
-        c = cfgs[i] if i < len(cfgs) else None
-        ident = cached[i] if i < len(cached) else {}
-        source = (c.path or c.model) if c else None
-        trained = read_json(Path(c.path).parent / "metrics.json") if c and c.path else None
-        out.append(
-            {
-                "name": (ident.get("spec") or {}).get("name") or (c.model if c else None),
-                "source": source,
-                "acc": _last(trained),
-                "acc_on_cached_views": ident.get("acc_on_cached_views"),
-            }
+def _pct(ratio: float) -> str:
+    """The change a kept/total ratio means, in percent."""
+    return f"{100 * (ratio - 1):+.0f}%"
+
+
+def verdict(r: dict) -> list[str]:
+    """Plain statements of what the numbers show, and only that."""
+    lines = []
+    e = r["ensemble"]
+    if e["members"] >= 2 and e["gain_over_best_member"] is not None:
+        lines.append(
+            f"ensemble of {e['members']} teachers: test acc {100 * e['acc']:.1f}%, "
+            f"{_pts(e['gain_over_best_member'])} points over its best member "
+            f"({e['best_member']}, {100 * e['best_member_acc']:.1f}%)"
         )
-    return out
+    elif e["members"] == 1:
+        lines.append("one teacher: no ensemble to compare with a member")
+    g = r["kd_gain"]
+    if g is not None:
+        if g["spread"] is None:
+            lines.append(
+                f"KD gain {_pts(g['gain'])} points from {g['n']} seed: seed noise unknown "
+                f"(list several in distill.seeds)"
+            )
+        else:
+            lines.append(
+                f"KD gain {_pts(g['gain'])} ± {100 * g['spread']:.1f} points over {g['n']} "
+                f"seeds ({'larger' if g['beyond_noise'] else 'not larger'} than seed noise: "
+                f"the gain against twice the larger seed std)"
+            )
+    s = r["slim"]
+    p = s["pruned"]
+    if s["params_ratio"] is not None:
+        lat = s["latency_ratio"] or {}
+        batch = max(lat, key=int) if lat else None
+        parts = [f"params {_pct(s['params_ratio'])}", f"MACs {_pct(s['macs_ratio'])}"]
+        if batch is not None:
+            parts.append(f"CPU latency {_pct(lat[batch])} (batch {batch})")
+        ref = s["unpruned_acc"]
+        if p["acc"] is not None and ref is not None:
+            parts.append(
+                f"accuracy {_pts(p['acc'] - ref)} points after fine-tune "
+                f"({_pts(p['acc_before_finetune'] - ref)} before) against the unpruned "
+                f"student {s['model']} ({100 * ref:.1f}%)"
+            )
+        lines.append("slimming: " + ", ".join(parts))
+    c = r["cache"]
+    if c["verify_rows_checked"]:
+        lines.append(
+            "the students trained on exactly the views the teachers scored (the cache replays "
+            f"(seed, sample, view)); verify-cache re-scored {c['verify_rows_checked']} rows, "
+            f"top-1 agreement {100 * c['teacher_top1_agreement']:.1f}%"
+        )
+    return lines
 
 
-def histories(m: dict[str, dict | None]) -> dict[str, list[dict]]:
-    """Per-epoch test accuracy of every trained student, for the accuracy-curve figure, from
-    `m`, the run's `stage_metrics`."""
-    names = {
+def histories(cfg, m: dict[Node, dict | None]) -> dict[str, list[dict]]:
+    """Per-epoch test accuracy of every trained student, for the accuracy-curve figure."""
+    labels = {
         "distill-ce": "student CE",
         "distill": "student KD",
         "sparsity": "sparsity (L1)",
         "finetune": "pruned + fine-tuned",
     }
     return {
-        label: [h for h in m[k]["history"] if "test_acc" in h]
-        for k, label in names.items()
-        if m[k] and m[k].get("history")
+        f"{labels[n.stage]} {n.instance}".strip(): [h for h in v["history"] if "test_acc" in h]
+        for n, v in m.items()
+        if n.stage in labels and v and v.get("history")
     }

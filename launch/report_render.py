@@ -28,17 +28,23 @@ def _lat(d: dict | None) -> str:
     return "-" if not d else ", ".join(f"bs{b}: {ms:.2f}" for b, ms in d.items())
 
 
+def _seeds(s: dict) -> str:
+    """mean ± std (n seeds), or the one value."""
+    if s["mean"] is None:
+        return "-"
+    if s["std"] is None:
+        return f"{s['mean']:.4f} (1 seed)"
+    return f"{s['mean']:.4f} ± {s['std']:.4f} ({s['n']} seeds)"
+
+
 def result_rows(r: dict) -> list[tuple[str, str, str, str, str]]:
     """(model, test acc, params, MACs, CPU latency ms) rows."""
     s = r["slim"]
-    rows = [
-        (f"teacher {i}: {t['name']}", _acc(t["acc"]), "-", "-", "-")
-        for i, t in enumerate(r["teachers"])
-    ]
+    rows = [(f"teacher {t['name']}", _acc(t["acc"]), "-", "-", "-") for t in r["teachers"]]
     rows += [
         ("teacher ensemble", _acc(r["ensemble"]["acc"]), "-", "-", "-"),
-        ("student CE (labels only)", _acc(r["student_ce"]["acc"]), "-", "-", "-"),
-        ("student KD (cached)", _acc(r["student_kd"]["acc"]), "-", "-", "-"),
+        ("student CE (labels only)", _seeds(r["student_ce"]), "-", "-", "-"),
+        ("student KD (cached)", _seeds(r["student_kd"]), "-", "-", "-"),
         (
             "slim baseline (after L1)",
             _acc(s["baseline"]["acc"]),
@@ -68,25 +74,27 @@ HEADER = ("model", "test acc", "params", "MACs", "CPU latency (ms)")
 
 
 def results_table(r: dict) -> str:
-    """The short fixed-width table printed at the end of a pipeline."""
+    """The short fixed-width table printed at the end of a pipeline, then the verdict."""
     rows = [HEADER, *result_rows(r)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if r["verdict"]:
+        lines += ["", "verdict:", *(f"- {v}" for v in r["verdict"])]
     return "\n".join(lines)
 
 
 def accuracy_curves(histories: dict[str, list[dict]], path: Path) -> Path | None:
     if not histories:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for label, hist in histories.items():
-        ax.plot([h["epoch"] for h in hist], [h["test_acc"] for h in hist], marker="o", label=label)
+        ax.plot([h["epoch"] for h in hist], [h["test_acc"] for h in hist], marker=".", label=label)
     ax.set_xlabel("epoch (of each stage)")
     ax.set_ylabel("test accuracy")
     ax.set_title("students: test accuracy per epoch")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -122,14 +130,41 @@ def _md_table(header: tuple, rows: list[tuple]) -> list[str]:
 def markdown(r: dict, figures: dict[str, Path], md_path: Path) -> str:
     rel = {k: p.relative_to(md_path.parent).as_posix() for k, p in figures.items()}
     c, s, e = r["cache"], r["slim"], r["export"]
-    lines = [f"# kdslim report: `{r['out_dir']}`", "", "## Results", ""]
+    sp = r["splits"] or {}
+    lines = [f"# kdslim report: `{r['out_dir']}`", "", "## Verdict", ""]
+    lines += [f"- {v}" for v in r["verdict"]] or ["(no stage results yet)"]
+    lines += [
+        "",
+        f"Splits: {sp.get('train', '-')} training, {sp.get('val', '-')} validation (held out "
+        f"from the training data), {sp.get('test', '-')} test samples. Every stage chose its "
+        "epoch on the validation split; each accuracy below is the test accuracy of that "
+        "epoch.",
+        "",
+        "## Results",
+        "",
+    ]
     lines += _md_table(HEADER, result_rows(r))
     lines += ["", "## Teachers and cache", ""]
     lines += _md_table(
-        ("teacher", "source", "test acc", "acc on cached views"),
+        ("teacher", "model", "test acc", "val acc", "acc on cached views"),
         [
-            (t["name"], f"`{t['source']}`", _acc(t["acc"]), _acc(t["acc_on_cached_views"]))
+            (
+                t["name"],
+                t["model"],
+                _acc(t["acc"]),
+                _acc(t["val_acc"]),
+                _acc(t["acc_on_cached_views"]),
+            )
             for t in r["teachers"]
+        ]
+        + [
+            (
+                "ensemble",
+                r["ensemble"]["mode"] or "-",
+                _acc(r["ensemble"]["acc"]),
+                "-",
+                _acc(r["ensemble"]["acc_on_cached_views"]),
+            )
         ],
     )
     lines += [
@@ -137,43 +172,56 @@ def markdown(r: dict, figures: dict[str, Path], md_path: Path) -> str:
         *_md_table(
             ("cache", "value"),
             [
+                ("directory", f"`{c['dir']}`"),
                 ("samples", c["num_samples"]),
                 ("views per sample", c["views_per_sample"]),
                 ("bytes", _num(c["bytes"])),
                 ("storage", c["storage"]),
-                ("ensemble acc on cached views", _acc(r["ensemble"]["acc_on_cached_views"])),
                 ("verify: top-1 agreement of re-scored rows", _acc(c["teacher_top1_agreement"])),
                 ("verify: max abs diff", c["verify_max_abs_diff"]),
             ],
         ),
     ]
-    lines += ["", "## Students", ""]
+    lines += ["", "## Students: every seed", ""]
+    seed_rows = []
+    for label, key in (("CE (labels)", "student_ce"), ("KD (cached)", "student_kd")):
+        for row in r[key]["seeds"]:
+            seed_rows.append(
+                (
+                    label,
+                    row["seed"],
+                    _acc(row["acc"]),
+                    _acc(row["val_acc"]),
+                    row["epoch"],
+                    _acc(row.get("teacher_agreement")),
+                )
+            )
     lines += _md_table(
-        ("student", "last acc", "best acc", "epochs", "agreement with teachers"),
-        [
-            (
-                "CE (labels)",
-                _acc(r["student_ce"]["acc"]),
-                _acc(r["student_ce"]["best_acc"]),
-                r["student_ce"]["epochs"],
-                "-",
-            ),
-            (
-                "KD (cached)",
-                _acc(r["student_kd"]["acc"]),
-                _acc(r["student_kd"]["best_acc"]),
-                r["student_kd"]["epochs"],
-                _acc(r["student_kd"]["teacher_agreement"]),
-            ),
-        ],
+        ("student", "seed", "test acc", "val acc", "chosen epoch", "agreement with teachers"),
+        seed_rows,
     )
+    g = r["kd_gain"]
+    if g is not None:
+        lines += [
+            "",
+            f"CE {_seeds(r['student_ce'])}; KD {_seeds(r['student_kd'])}; KD gain "
+            f"{100 * g['gain']:+.2f} points"
+            + ("" if g["spread"] is None else f", seed spread {100 * g['spread']:.2f} points"),
+        ]
     if "accuracy" in rel:
         lines += ["", f"![accuracy curves]({rel['accuracy']})"]
     lines += ["", "## Network slimming", ""]
+    sep = (s["sparsity"] or {}).get("separation") or {}
+    cut = s["threshold_separation"] or {}
     lines += _md_table(
         ("", "value"),
         [
-            ("prune ratio (channels under the global threshold)", s["prune_ratio"]),
+            ("slimmed model", s["model"] or "-"),
+            ("L1 strength s / total shrinkage", _sparsity(s["sparsity"])),
+            ("|gamma| below 1% of the largest", _acc(sep.get("below_1pct"))),
+            ("histogram valley (Otsu) / bimodality", _valley(sep)),
+            ("threshold / valley", _acc(cut.get("threshold_over_valley"))),
+            (f"prune target ({s['target']})", s["prune_ratio"]),
             ("params kept", _acc(s["params_ratio"])),
             ("MACs kept", _acc(s["macs_ratio"])),
             (
@@ -205,3 +253,15 @@ def markdown(r: dict, figures: dict[str, Path], md_path: Path) -> str:
             ),
         ]
     return "\n".join(lines) + "\n"
+
+
+def _sparsity(sp: dict | None) -> str:
+    if not sp or sp.get("s") is None:
+        return "-"
+    return f"{sp['s']:.3g} / {sp['shrink']:.3g}"
+
+
+def _valley(sep: dict) -> str:
+    if "valley" not in sep:
+        return "-"
+    return f"{sep['valley']:.4g} / {sep['bimodality']:.2f}"

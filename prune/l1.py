@@ -56,6 +56,19 @@ def s_at(step: int, total_steps: int, s: float, schedule: str, ramp_fraction: fl
     raise ValueError(f"unknown sparsity.schedule {schedule!r}; use constant, warmup or decay")
 
 
+def s_for_shrink(shrink: float, learning_rates: list[float]) -> float:
+    """The L1 strength whose total shrinkage over a run is `shrink`.
+
+    Each optimizer step moves every |gamma| towards 0 by lr_t x s through the penalty (before
+    momentum and weight decay), so a run pulls it by s x sum_t lr_t in total: that total, not
+    s, decides whether the scales separate (NS: s = 1e-4 over 125k steps of lr 0.1 -> 0.01 ->
+    0.001 gives 0.66). For this run's own schedule, s = shrink / sum_t lr_t."""
+    total = float(sum(learning_rates))
+    if total <= 0:
+        raise ValueError("the learning rates of the run sum to 0: no shrinkage is possible")
+    return shrink / total
+
+
 def l1_of_gammas(model: nn.Module) -> torch.Tensor:
     """sum |gamma| over every BN layer (a scalar with autograd)."""
     return sum(m.weight.abs().sum() for _, m in bn_layers(model))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+# decoded-once datasets (common/data/decoded.py) go to a throwaway directory, not ~/.cache
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="kdslim-tests-")
 # Tests share 2 cores with the subprocesses they start: one thread each avoids oversubscription
 # (10-20x slowdowns were measured with the default under load).
 torch.set_num_threads(1)
@@ -134,3 +138,18 @@ def image_folder(tmp_path: Path) -> Path:
                 arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
                 (d / f"{i:03d}.png").write_bytes(png_bytes(arr))
     return root
+
+
+def interrupt(node_dir: Path, after_step: int) -> None:
+    """Make a finished node look killed right after its checkpoint at `after_step`: no
+    outputs, no key, no later checkpoints (what a kill leaves, without racing a real one)."""
+    for name in ("model", "best", "metrics.json", "key.json", "config.yaml"):
+        path = node_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    for ckpt in (node_dir / "checkpoints").glob("ckpt-*"):
+        if int(ckpt.name.removeprefix("ckpt-")) > after_step:
+            shutil.rmtree(ckpt)
+    assert (node_dir / "checkpoints" / f"ckpt-{after_step:09d}").is_dir()

@@ -18,8 +18,8 @@ import torch
 from common.checkpoint import model_spec, save_model
 from common.config import load_config
 from common.models import build_model
-from distill.cache import CacheError, LogitCache, consumer_expectation
-from distill.cache.setup import cached_splits
+from distill.cache import CacheError, LogitCache
+from distill.cache.setup import request, teacher_configs
 from launch.config import Config
 from tests.conftest import PY, ROOT, cli_env, run_cli
 
@@ -30,6 +30,13 @@ DATA = [
     "data.train_subset=150",
     "logging.progress=false",
 ]
+N = 135
+"""Training samples in DATA: 150, less the validation split's 10%."""
+
+
+def cdir(out: Path) -> Path:
+    """Where the `cache` stage of run `out` keeps the cache itself (its default)."""
+    return out / "cache" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +73,13 @@ def reference(tmp_path_factory, teachers) -> Path:
     """One single-process cache that the other runs are compared with (read-only)."""
     out = tmp_path_factory.mktemp("reference")
     run_cli("cache", *cache_args(out, teachers))
-    return out / "cache"
+    return cdir(out)
 
 
 def copy_of(reference: Path, tmp_path: Path) -> Path:
-    shutil.copytree(reference, tmp_path / "cache")
+    """A copy of the reference run's `cache` node (its stage directory, the cache inside):
+    complete in the copy as in the original, since a node's key ignores `run.out_dir`."""
+    shutil.copytree(reference.parent, tmp_path / "cache")
     return tmp_path
 
 
@@ -97,13 +106,13 @@ def assert_same_rows(a: dict, b: dict) -> None:
 @pytest.mark.slow
 def test_two_processes_write_exactly_the_rows_of_one(tmp_path, teachers, reference):
     run_cli("cache", *cache_args(tmp_path / "two", teachers), processes=2)
-    one, two = all_rows(reference), all_rows(tmp_path / "two/cache")
+    one, two = all_rows(reference), all_rows(cdir(tmp_path / "two"))
     assert_same_rows(one, two)
-    assert len(one["sample_id"]) == 150 * 3  # no sampler padding, every pair once
+    assert len(one["sample_id"]) == N * 3  # no sampler padding, every pair once
     keys = set(zip(one["sample_id"].tolist(), one["view_id"].tolist()))
-    assert keys == {(s, v) for s in range(150) for v in range(3)}
-    assert one["logits"].dtype == np.float16 and one["logits"].shape == (450, 10)
-    m = LogitCache(tmp_path / "two/cache").manifest
+    assert keys == {(s, v) for s in range(N) for v in range(3)}
+    assert one["logits"].dtype == np.float16 and one["logits"].shape == (N * 3, 10)
+    m = LogitCache(cdir(tmp_path / "two")).manifest
     assert m["num_shards"] == 2 and len(m["teachers"]) == 2
     assert all(0 <= t["acc_on_cached_views"] <= 1 for t in m["teachers"])
     # The stored target is the ensemble: log of the mean of the teachers' probabilities. Each
@@ -133,7 +142,7 @@ def test_job_array_tasks_build_the_same_cache(tmp_path, teachers, reference):
             ),
         )
         assert ("complete in" in proc.stdout) == (task == 0)
-    assert_same_rows(all_rows(reference), all_rows(tmp_path / "arr/cache"))
+    assert_same_rows(all_rows(reference), all_rows(cdir(tmp_path / "arr")))
 
 
 @pytest.mark.slow
@@ -146,18 +155,18 @@ def test_killed_cache_resumes_missing_parts_only(tmp_path, teachers, reference):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    parts = tmp_path / "k/cache/parts/shard-00000-of-00001"
+    parts = cdir(tmp_path / "k") / "parts/shard-00000-of-00001"
     deadline = time.time() + 300
     while time.time() < deadline and len(list(parts.glob("part-*"))) < 2:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     done = sorted(parts.glob("part-*"))
-    assert len(done) >= 2 and not (tmp_path / "k/cache/manifest.json").exists()
+    assert len(done) >= 2 and not (cdir(tmp_path / "k") / "manifest.json").exists()
     files = [f for p in done for f in p.iterdir()]
     stamps = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in files}
     with pytest.raises(CacheError, match="incomplete"):
-        LogitCache(tmp_path / "k/cache")
+        LogitCache(cdir(tmp_path / "k"))
 
     # Watch which parts the resumed run writes: the finished ones must not be redone.
     proc = subprocess.Popen(
@@ -178,57 +187,61 @@ def test_killed_cache_resumes_missing_parts_only(tmp_path, teachers, reference):
         time.sleep(0.02)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    assert_same_rows(all_rows(tmp_path / "k/cache"), all_rows(reference))
-    manifest = (tmp_path / "k/cache/manifest.json").stat().st_mtime_ns
+    assert_same_rows(all_rows(cdir(tmp_path / "k")), all_rows(reference))
+    manifest = (cdir(tmp_path / "k") / "manifest.json").stat().st_mtime_ns
     again = run_cli("cache", *args)  # complete: a no-op
-    assert "complete in" in again.stdout
-    assert (tmp_path / "k/cache/manifest.json").stat().st_mtime_ns >= manifest
-    assert not (tmp_path / "k/cache/parts").exists()
+    assert "[cache] skipped: complete" in again.stdout
+    assert (cdir(tmp_path / "k") / "manifest.json").stat().st_mtime_ns == manifest
+    assert not (cdir(tmp_path / "k") / "parts").exists()
 
 
 @pytest.mark.slow
 def test_mismatched_caches_are_refused(tmp_path, teachers, reference):
-    root = copy_of(reference, tmp_path) / "cache"
+    shutil.copytree(reference, tmp_path / "shared")
+    root = tmp_path / "shared"
 
     def expectation(*overrides):
-        cfg = load_config(Config, ROOT / "configs/quickstart.yaml", [*DATA, *overrides])
-        return consumer_expectation(cached_splits(cfg).train, 3)
+        cfg = load_config(
+            Config, ROOT / "configs/quickstart.yaml", cache_args(tmp_path, teachers, *overrides)[2:]
+        )
+        return request(cfg, teacher_configs(cfg, []))
 
     LogitCache(root, expectation())  # the matching consumer opens it
     for override, what in [
         ("run.seed=1", "views.seed"),
         ("data.pad=2", "recipe_sha256"),
         ("data.train_subset=140", "dataset.num_samples"),
+        ("cache.views=2", "views.count"),
     ]:
         with pytest.raises(CacheError, match=what):
             LogitCache(root, expectation(override))
-    # Re-running `cache` into the same directory with other teachers is refused, naming them.
-    proc = run_cli("cache", *cache_args(tmp_path, teachers[:1]), check=False)
-    assert (
-        proc.returncode == 1
-        and "teachers" in proc.stderr
-        and "another configuration" in (proc.stderr)
-    )
+    # `cache` into that directory with other teachers is refused, naming them; nothing moves
+    before = sorted(p.name for p in root.iterdir())
+    proc = run_cli("cache", *cache_args(tmp_path, teachers[:1], f"cache.dir={root}"), check=False)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert "teachers" in proc.stderr and "another request" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in root.iterdir()) == before
 
 
 @pytest.mark.slow
 def test_verify_catches_a_truncated_shard(tmp_path, teachers, reference):
     copy_of(reference, tmp_path)
-    [arrow] = list((tmp_path / "cache").glob("shard-*/*.arrow"))
+    [arrow] = list(cdir(tmp_path).glob("shard-*/*.arrow"))
     data = arrow.read_bytes()
     arrow.write_bytes(data[: len(data) // 2])
     proc = run_cli("verify-cache", *cache_args(tmp_path, teachers), check=False)
     assert proc.returncode == 1
     assert "checksum mismatch" in proc.stderr and arrow.name in proc.stderr
     with pytest.raises(CacheError, match="truncated"):
-        LogitCache(tmp_path / "cache").rows(np.array([0]), np.array([0]))
+        LogitCache(cdir(tmp_path)).rows(np.array([0]), np.array([0]))
 
 
 @pytest.mark.slow
 def test_topk_storage_keeps_top_classes_and_tail_mass(tmp_path, teachers, reference):
     run_cli("cache", *cache_args(tmp_path / "top", teachers, "cache.storage=topk", "cache.topk=3"))
-    full, top = all_rows(reference), all_rows(tmp_path / "top/cache")
-    assert top["topk_idx"].dtype == np.int16 and top["topk_val"].shape == (450, 3)
+    full, top = all_rows(reference), all_rows(cdir(tmp_path / "top"))
+    assert top["topk_idx"].dtype == np.int16 and top["topk_val"].shape == (N * 3, 3)
     ref = torch.from_numpy(full["logits"].copy()).float()
     vals, idx = ref.topk(3, -1)
     assert np.array_equal(np.sort(top["topk_idx"], -1), np.sort(idx.numpy(), -1))
@@ -240,7 +253,7 @@ def test_topk_storage_keeps_top_classes_and_tail_mass(tmp_path, teachers, refere
     torch.testing.assert_close(
         torch.from_numpy(top["lse"]), torch.logsumexp(ref, -1), atol=2e-2, rtol=1e-3
     )
-    cache = LogitCache(tmp_path / "top/cache")
+    cache = LogitCache(cdir(tmp_path / "top"))
     got = cache.rows(np.array([5, 7]), np.array([2, 0]))
     assert set(got) == {"topk_idx", "topk_val", "lse"} and got["topk_idx"].shape == (2, 3)
     verify = run_cli(
@@ -253,7 +266,7 @@ def test_topk_storage_keeps_top_classes_and_tail_mass(tmp_path, teachers, refere
 def test_reader_lookup_verifies_keys_and_third_party_loaders_work(reference):
     root = reference
     cache = LogitCache(root)
-    sids, vids = np.array([149, 0, 17, 17]), np.array([0, 2, 1, 2])
+    sids, vids = np.array([N - 1, 0, 17, 17]), np.array([0, 2, 1, 2])
     got = cache.rows(sids, vids)["logits"]
     ds = datasets.load_from_disk(str(root / "shard-00000-of-00001"))  # a plain reader
     assert ds.features["logits"].length == 10
@@ -269,6 +282,23 @@ def test_reader_lookup_verifies_keys_and_third_party_loaders_work(reference):
 def test_bf16_cache_verifies_under_its_recorded_precision(tmp_path, teachers):
     args = cache_args(tmp_path, teachers, "data.train_subset=40", "run.mixed_precision=bf16")
     run_cli("cache", *args)
-    assert LogitCache(tmp_path / "cache").manifest["precision"] == "bf16"
+    assert LogitCache(cdir(tmp_path)).manifest["precision"] == "bf16"
     verify = run_cli("verify-cache", *args, "cache.verify_samples=16")
     assert "verify-cache: OK" in verify.stdout
+
+
+@pytest.mark.slow
+def test_auto_cache_dir_is_named_by_content_and_shared(tmp_path, teachers, reference):
+    """`cache.dir: auto`: one directory per request under `cache.root`, so runs that ask for
+    the same cache share it (the second writes nothing) and another request gets its own."""
+    auto = ["cache.dir=auto", f"cache.root={tmp_path / 'caches'}"]
+    first = run_cli("cache", *cache_args(tmp_path / "a", teachers, *auto))
+    [made] = list((tmp_path / "caches").iterdir())
+    assert "complete in" in first.stdout and str(made) in first.stdout
+    assert_same_rows(all_rows(made), all_rows(reference))
+    second = run_cli("cache", *cache_args(tmp_path / "b", teachers, *auto))
+    assert "0 rows written" in second.stdout and str(made) in second.stdout
+    run_cli("cache", *cache_args(tmp_path / "c", teachers, *auto, "cache.views=2"))
+    assert len(list((tmp_path / "caches").iterdir())) == 2
+    assert not (tmp_path / "a" / "cache" / "data").exists()  # the stage dir holds no cache
+    assert (tmp_path / "a" / "cache" / "config.yaml").is_file()

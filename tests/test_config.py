@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import types
+import typing
+
 import pytest
 
-from common.config import ConfigError, load_config, to_dict
+from common.config import ConfigError, Range, load_config, to_dict
 from launch.config import Config
 from tests.conftest import ROOT, run_cli
 
@@ -106,3 +111,98 @@ def test_yaml_boolean_words_reach_string_choices(tmp_path):
     assert cfg.run.mixed_precision == "no"
     with pytest.raises(ConfigError, match="run.mixed_precision"):
         load_config(Config, write(tmp_path, "run:\n  mixed_precision: yes\n"))
+
+
+# --------------------------------------------------------------------------------------------
+# every numeric value is checked once, at load, against its field's range
+# --------------------------------------------------------------------------------------------
+
+
+def _numeric_fields(cls, prefix: str = ""):
+    """(dotted key, annotation) of every int/float field of the schema, recursively (lists of
+    sections are entered as their first element)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        base = typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Annotated else tp
+        union = typing.get_origin(base) in (typing.Union, types.UnionType)
+        parts = [a for a in typing.get_args(base) if a is not type(None)] if union else [base]
+        for part in parts:
+            inner = typing.get_args(part)[0] if typing.get_origin(part) is list else part
+            if dataclasses.is_dataclass(inner):
+                sub = (
+                    f"{prefix}{f.name}[0]."
+                    if typing.get_origin(part) is list
+                    else f"{prefix}{f.name}."
+                )
+                yield from _numeric_fields(inner, sub)
+        names = {getattr(a, "__name__", "") for a in _leaves(base)}
+        if names & {"int", "float"}:
+            yield f"{prefix}{f.name}", tp
+
+
+def _leaves(tp):
+    args = typing.get_args(tp)
+    if not args:
+        return [tp]
+    return [leaf for a in args if a is not Ellipsis for leaf in _leaves(a)]
+
+
+NUMERIC = sorted(_numeric_fields(Config))
+
+
+def test_every_numeric_field_has_a_range():
+    missing = [k for k, tp in NUMERIC if typing.get_origin(tp) is not typing.Annotated]
+    assert not missing, f"give these config fields an Annotated[..., Range(...)]: {missing}"
+    assert len(NUMERIC) > 50
+
+
+def _outside(rng: Range, is_int: bool):
+    """A value just outside `rng`."""
+    if rng.ge is not None:
+        return rng.ge - 1
+    if rng.gt is not None:
+        return rng.gt if is_int else rng.gt - 1e-3
+    if rng.le is not None:
+        return rng.le + 1
+    return rng.lt
+
+
+def _shape(tp) -> int | None:
+    """None for a scalar field; else how many values its tuple or list needs (1: any)."""
+    base = typing.get_args(tp)[0]  # inside Annotated
+    inner = next((a for a in typing.get_args(base) if a is not type(None)), base)
+    if typing.get_origin(base) not in (typing.Union, types.UnionType):
+        inner = base
+    origin = typing.get_origin(inner)
+    if origin is list:
+        return 1
+    if origin is tuple:
+        args = typing.get_args(inner)
+        return 1 if Ellipsis in args else len(args)
+    return None
+
+
+def _override(key: str, value, tp) -> list[str]:
+    """Overrides that set `key` to `value` (repeated into a tuple/list when the field is
+    one); a key inside a list of sections (`train.members[0].seed`) becomes a one-element
+    list of sections."""
+    n = _shape(tp)
+    if n is not None:
+        value = [value] * n
+    if "[0]." in key:
+        section, leaf = key.split("[0].")
+        return [f"{section}=[{{{leaf}: {json.dumps(value)}}}]"]
+    return [f"{key}={json.dumps(value)}"]
+
+
+@pytest.mark.parametrize(("key", "tp"), NUMERIC, ids=[k for k, _ in NUMERIC])
+def test_numeric_value_outside_its_range_is_refused(key, tp):
+    rng = next(m for m in typing.get_args(tp)[1:] if isinstance(m, Range))
+    is_int = "int" in {getattr(a, "__name__", "") for a in _leaves(typing.get_args(tp)[0])}
+    bad = _outside(rng, is_int)
+    with pytest.raises(ConfigError) as e:
+        load_config(Config, None, _override(key, bad, tp))
+    message = str(e.value)
+    assert f"`{key.replace('[0]', '')}" in message or key.split(".")[-1] in message, message
+    assert str(rng) in message, message  # names the allowed range

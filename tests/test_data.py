@@ -141,12 +141,14 @@ def _render(dataset: ViewDataset, world: int, rank: int, workers: int, batch: in
 
 
 def _render_rank(rank, world, root, queue):
-    ds = build_splits(DataConfig(name="cifar10", root=root), seed=0).train
+    ds = build_splits(DataConfig(name="cifar10", root=root, val_fraction=0.0), seed=0).train
     queue.put({k: v.numpy() for k, v in _render(ds, world, rank, 2, 8, 2).items()})
 
 
 def test_views_identical_across_workers_and_processes(parquet_cifar):
-    ds = build_splits(DataConfig(name="cifar10", root=str(parquet_cifar)), seed=0).train
+    ds = build_splits(
+        DataConfig(name="cifar10", root=str(parquet_cifar), val_fraction=0.0), seed=0
+    ).train
     single = _render(ds, world=1, rank=0, workers=0, batch=8, accum=1)
     assert len(single) == 2 * 40  # 5 global batches of 8 per epoch, every sample once
     two_workers = _render(ds, world=1, rank=0, workers=2, batch=8, accum=2)
@@ -204,3 +206,21 @@ def test_eval_batches_cover_the_test_set_once():
     shards = [eval_batches(11, 4, r, 3) for r in range(3)]
     ids = sorted(i for shard in shards for batch in shard for i, v in batch)
     assert ids == list(range(11))
+
+
+def test_validation_split_is_carved_once_from_training_data():
+    """Best epochs are chosen on validation, never on test: `data.val_fraction` of the
+    training samples, the same draw for every seed and stage, disjoint from what trains."""
+    cfg = DataConfig(val_fraction=0.1)
+    a, b = build_splits(cfg, seed=0), build_splits(cfg, seed=7)
+    assert (len(a.train), len(a.val), len(a.test)) == (1294, 144, 359)
+    assert a.sizes() == {"train": 1294, "val": 144, "test": 359}
+    full = build_source(cfg, "train")
+    train_ids, val_ids = a.train.source._indices, a.val.source._indices
+    assert set(train_ids).isdisjoint(val_ids) and len(set(train_ids) | set(val_ids)) == len(full)
+    assert (val_ids == b.val.source._indices).all()  # not run.seed's draw
+    assert torch.equal(a.val.source.image(3), full.image(int(val_ids[3])))
+    assert a.train.source.fingerprint() != full.fingerprint()  # a cache knows which part
+    assert a.val[(3, 0)]["label"] == full.labels[val_ids[3]]
+    none = build_splits(DataConfig(val_fraction=0.0), seed=0)
+    assert none.val is None and len(none.train) == 1438

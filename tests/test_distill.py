@@ -117,9 +117,11 @@ DISTILL = [
     "distill.loop.optim.lr=0.02",
     "distill.loop.optim.warmup_epochs=0",
     "distill.loop.log_every=1",
-    "distill.temperature=4",
-    "distill.alpha=0.9",
+    "distill.kd.temperature=4",
+    "distill.kd.alpha=0.9",
 ]
+S0 = "distill/seed0"
+"""The KD student of the one seed these tests train (`distill/seed<seed>`)."""
 
 
 def steps(stage_dir) -> list[dict]:
@@ -143,20 +145,21 @@ def test_cached_kd_follows_online_kd_on_the_same_views(tmp_path, teachers):  # n
     )
     run_cli("cache", *args)
     cached = run_cli("distill", *args)
-    run_cli("distill", *args, "distill.mode=online")
+    online = tmp_path / "online"
+    run_cli("distill", *args, "distill.mode=online", f"run.out_dir={online}")
     assert "agreement with teachers" in cached.stdout
-    a, b = steps(tmp_path / "distill"), steps(tmp_path / "distill-online")
+    a, b = steps(tmp_path / S0), steps(online / S0)
     assert [s["step"] for s in a] == [1, 2, 3, 4] == [s["step"] for s in b]
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) <= EXACT * abs(y["loss"]), (x, y)
         assert abs(x["kl"] - y["kl"]) <= EXACT * abs(y["kl"]), (x, y)
-    assert_same_weights(weights(tmp_path / "distill"), weights(tmp_path / "distill-online"), EXACT)
-    m = json.loads((tmp_path / "distill/metrics.json").read_text())
-    last = m["last"]
+    assert_same_weights(weights(tmp_path / S0), weights(online / S0), EXACT)
+    m = json.loads((tmp_path / S0 / "metrics.json").read_text())
+    chosen = m["selected"]
     assert {"test_acc", "test_teacher_agreement", "test_teacher_kl", "test_teacher_acc"} <= set(
-        last
+        chosen
     )
-    assert m["selection_split"] == "test" and m["best"] is not None
+    assert m["selection_split"] == "val" and "val_acc" in chosen
 
 
 @pytest.mark.slow
@@ -167,25 +170,26 @@ def test_two_process_distill_equals_one_process_and_mismatch_is_refused(tmp_path
     )
     run_cli("cache", *args)
     run_cli("distill", *args, f"run.out_dir={tmp_path}")
-    two = tmp_path / "two"
-    run_cli("distill", *args, f"run.out_dir={two}", f"cache.dir={tmp_path / 'cache'}", processes=2)
-    assert_same_weights(weights(tmp_path / "distill"), weights(two / "distill"), EXACT)
+    # a second run shares the first one's cache: its `cache` step finds it complete
+    two, shared = tmp_path / "two", f"cache.dir={tmp_path / 'cache' / 'data'}"
+    reuse = run_cli("cache", *args, f"run.out_dir={two}", shared)
+    assert "reusing the complete cache" in reuse.stdout and "0 rows written" in reuse.stdout
+    run_cli("distill", *args, f"run.out_dir={two}", shared, processes=2)
+    assert_same_weights(weights(tmp_path / S0), weights(two / S0), EXACT)
 
-    bad = run_cli("distill", *args, "data.pad=2", check=False)
-    assert bad.returncode == 1
-    assert "does not match this run" in bad.stderr and "recipe_sha256" in bad.stderr
-    missing = run_cli("distill", *args, f"cache.dir={tmp_path / 'nowhere'}", check=False)
-    assert missing.returncode == 1 and "run `cache` first" in missing.stderr
+    for change in ("data.pad=2", f"cache.dir={tmp_path / 'nowhere'}"):  # not the cache it reads
+        bad = run_cli("distill", *args, change, check=False)
+        assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
+        assert "reads cache" in bad.stderr and "not complete" in bad.stderr
 
 
 @pytest.mark.slow
 def test_ce_baseline_needs_no_teachers(tmp_path):
     proc = run_cli(
-        "distill",
+        "distill-ce",
         "--config",
         "configs/quickstart.yaml",
         f"run.out_dir={tmp_path}",
-        "distill.mode=ce",
         "data.train_subset=150",
         "data.image_size=8",
         "data.pad=1",
@@ -193,6 +197,6 @@ def test_ce_baseline_needs_no_teachers(tmp_path):
         "distill.loop.epochs=1",
         "logging.progress=false",
     )
-    assert "distill-ce: student test acc" in proc.stdout
-    last = json.loads((tmp_path / "distill-ce/metrics.json").read_text())["last"]
-    assert "test_teacher_agreement" not in last and 0 <= last["test_acc"] <= 1
+    assert "distill-ce:seed0: student test acc" in proc.stdout
+    chosen = json.loads((tmp_path / "distill-ce/seed0/metrics.json").read_text())["selected"]
+    assert "test_teacher_agreement" not in chosen and 0 <= chosen["test_acc"] <= 1

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from common.checkpoint import MANIFEST_FILE, MODEL_FILE, CheckpointManager, verify_manifest
-from tests.conftest import ROOT, cli_command, cli_env, run_cli
+from tests.conftest import ROOT, cli_command, cli_env, interrupt, run_cli
 from tests.equivalence import assert_same_weights, weights
-from tests.test_train import SMALL
+from tests.test_train import SMALL, T
 
 # --------------------------------------------------------------------------------------------
 # checkpoint directory hygiene (unit level: CheckpointManager only)
@@ -107,15 +107,16 @@ TINY = [
 def test_resume_skips_truncated_newest_checkpoint_and_matches_straight_run(tmp_path):
     run_cli(*TINY, "train.loop.max_steps=6", f"run.out_dir={tmp_path / 'straight'}")
     out = tmp_path / "damaged"
-    run_cli(*TINY, "train.loop.max_steps=4", f"run.out_dir={out}")
-    ckpts = sorted((out / "train" / "checkpoints").glob("ckpt-*"))
+    run_cli(*TINY, "train.loop.max_steps=6", f"run.out_dir={out}")
+    interrupt(out / T, after_step=4)  # killed after the step-4 checkpoint ...
+    ckpts = sorted((out / T / "checkpoints").glob("ckpt-*"))
     assert [p.name for p in ckpts] == ["ckpt-000000002", "ckpt-000000004"]
     model_file = ckpts[-1] / MODEL_FILE
     model_file.write_bytes(model_file.read_bytes()[:1000])  # a write cut short
     proc = run_cli(*TINY, "train.loop.max_steps=6", f"run.out_dir={out}")
     assert "resumed from" in proc.stdout and "ckpt-000000002" in proc.stdout, proc.stdout
     assert "ignoring corrupt checkpoint" in proc.stderr, proc.stderr[-2000:]
-    assert_same_weights(weights(tmp_path / "straight/train"), weights(out / "train"), atol=0)
+    assert_same_weights(weights(tmp_path / "straight" / T), weights(out / T), atol=0)
 
 
 def _children(pid: int) -> list[int]:
@@ -153,7 +154,7 @@ def test_killed_rank_stops_the_group_within_bounded_time(tmp_path, victim):
     )
     try:
         deadline = time.monotonic() + 300
-        ckpts = out / "train" / "checkpoints"
+        ckpts = out / T / "checkpoints"
         while not any(ckpts.glob("ckpt-*")):  # training is under way on both ranks
             assert proc.poll() is None, proc.communicate()[0][-4000:]
             assert time.monotonic() < deadline, "no checkpoint after 300 s"
@@ -177,10 +178,10 @@ def test_killed_rank_stops_the_group_within_bounded_time(tmp_path, victim):
     assert "Signals.SIGKILL" in output or "exitcode  : -9" in output, output[-3000:]
     for pid in ranks.values():  # no orphaned rank keeps running
         assert not Path(f"/proc/{pid}").exists() or _zombie(pid), f"rank pid {pid} survives"
-    assert not (out / "train" / "model").exists()
-    assert not (out / "train" / "metrics.json").exists()
+    assert not (out / T / "model").exists()
+    assert not (out / T / "metrics.json").exists()
     # whatever was saved is still a valid checkpoint to resume from
-    mgr = CheckpointManager(out / "train" / "checkpoints", keep=3, is_main=False)
+    mgr = CheckpointManager(out / T / "checkpoints", keep=3, is_main=False)
     latest = mgr.latest()
     assert latest is not None
     assert json.loads((latest / "trainer_state.json").read_text())["step"] >= 2
@@ -191,3 +192,48 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: one clear line, a non-zero exit, nothing that looks like output
+# --------------------------------------------------------------------------------------------
+
+
+def _one_line_error(proc, code: int, *needles: str) -> None:
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in proc.stderr, (needle, proc.stderr[-2000:])
+
+
+@pytest.mark.slow
+def test_bad_inputs_fail_with_one_line_and_leave_no_output(tmp_path):
+    quick = ["--config", str(ROOT / "configs/quickstart.yaml"), *SMALL]
+    out = tmp_path / "run"
+    # a value outside its range: named with its key and range, before anything starts
+    proc = run_cli("distill", *quick, f"run.out_dir={out}", "distill.kd.alpha=3", check=False)
+    _one_line_error(proc, 2, "`distill.kd.alpha` must be >= 0 and <= 1, got 3")
+    assert not out.exists()
+    # a batch larger than the training split: refused at the stage's start
+    proc = run_cli("train", *quick, f"run.out_dir={out}", "train.loop.batch_size=4096", check=False)
+    _one_line_error(proc, 2, "`train.loop.batch_size` 4096 is larger than the training split")
+    assert not any((out / T / f).exists() for f in ("model", "metrics.json", "key.json"))
+    # a truncated model file given as an input: the file is named
+    model = tmp_path / "given"
+    run_cli("train", *quick, f"run.out_dir={model}", "train.loop.max_steps=1")
+    weights_file = model / T / "model" / MODEL_FILE
+    weights_file.write_bytes(weights_file.read_bytes()[:100])
+    proc = run_cli(
+        "sparsity",
+        *quick,
+        f"run.out_dir={out}",
+        f"sparsity.init={model / T / 'model'}",
+        check=False,
+    )
+    _one_line_error(proc, 2, str(weights_file))
+    assert not (out / "sparsity" / "model").exists()
+    # a stage whose input stage has not run: says which and what to run
+    proc = run_cli("prune", *quick, f"run.out_dir={out}", check=False)
+    _one_line_error(proc, 1, "`prune` reads sparsity", "python -m launch sparsity")

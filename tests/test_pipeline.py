@@ -1,5 +1,6 @@
-"""`python -m launch pipeline`: the whole run end to end on digits with tiny budgets, its
-report and export, skipping complete steps, and resuming after a lost or unfinished step."""
+"""`python -m launch pipeline`: the whole run end to end on digits with tiny budgets (a teacher
+ensemble, students over seeds), its report and export, freshness by content (what re-runs when
+a value changes, when an output is lost), caches shared between runs, and the plan."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import torch
 
 from common.checkpoint import load_model
 from common.config import ConfigError, load_config
+from launch import graph
 from launch.config import Config
-from launch.pipeline_config import PIPELINE_STEPS
 from tests.conftest import ROOT, run_cli
 
 TINY = [
@@ -26,11 +27,28 @@ TINY = [
     "cache.verify_samples=16",
     "prune.latency_repeats=2",
     "prune.latency_batches=[1]",
+    "train.members=[{seed: 0}, {seed: 1}]",
+    "distill.seeds=[0, 1]",
     *(
         f"{s}.loop.{k}"
         for s in ("train", "distill", "sparsity", "finetune")
         for k in ("max_steps=3", "batch_size=32")
     ),
+]
+MEMBERS = ["train:cifar_resnet20-s0", "train:cifar_resnet20-s1"]
+EVERY = [
+    *MEMBERS,
+    "cache",
+    "verify-cache",
+    "distill-ce:seed0",
+    "distill-ce:seed1",
+    "distill:seed0",
+    "distill:seed1",
+    "sparsity",
+    "prune",
+    "finetune",
+    "export",
+    "report",
 ]
 
 
@@ -43,12 +61,12 @@ def pipeline(out: Path, *extra: str, processes: int = 1):
         *TINY,
         *extra,
         processes=processes,
-        timeout=400,
+        timeout=600,
     )
 
 
-def steps_that_ran(stdout: str) -> list[str]:
-    return re.findall(r"pipeline: \[([\w-]+)\] running", stdout)
+def ran(stdout: str) -> list[str]:
+    return re.findall(r"\[([\w:.-]+)\] running", stdout)
 
 
 @pytest.fixture(scope="module")
@@ -57,38 +75,70 @@ def run_dir(tmp_path_factory) -> tuple[Path, str]:
     return out, pipeline(out).stdout
 
 
-def test_first_run_runs_every_step_and_prints_report(run_dir):
+def test_first_run_runs_every_node_of_the_graph_and_prints_the_verdict(run_dir):
     out, stdout = run_dir
-    assert steps_that_ran(stdout) == list(PIPELINE_STEPS)
-    assert f"report: {(out / 'report.json').resolve()}" in stdout
+    assert ran(stdout) == EVERY
+    assert [
+        n.name for n in graph.nodes(load_config(Config, ROOT / "configs/quickstart.yaml", TINY))
+    ] == EVERY
+    assert f"report: {(out / 'report' / 'report.json').resolve()}" in stdout
     assert "pruned + fine-tuned" in stdout and "student KD (cached)" in stdout
+    assert "verdict:" in stdout and "KD gain" in stdout and "(2 seeds)" in stdout
+    for node in EVERY:  # each finished node records what it was made from
+        key = json.loads(
+            (graph.directory(_cfg(out), graph.Node.parse(node)) / "key.json").read_text()
+        )
+        assert len(key["key"]) == 64 and "values" in key and "inputs" in key
+
+
+def _cfg(out: Path, *extra: str):
+    return load_config(
+        Config, ROOT / "configs/quickstart.yaml", [f"run.out_dir={out}", *TINY, *extra]
+    )
 
 
 def test_report_has_every_field(run_dir):
     out, _ = run_dir
-    r = json.loads((out / "report.json").read_text())
+    r = json.loads((out / "report" / "report.json").read_text())
+    assert [t["name"] for t in r["teachers"]] == ["cifar_resnet20-s0", "cifar_resnet20-s1"]
+    assert r["splits"] == {"train": 173, "val": 19, "test": 96}
+    for key in ("student_ce", "student_kd"):
+        s = r[key]
+        assert [row["seed"] for row in s["seeds"]] == [0, 1] and s["n"] == 2
+        accs = [row["acc"] for row in s["seeds"]]
+        assert s["mean"] == pytest.approx(sum(accs) / 2, abs=0)
+        assert s["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5, rel=1e-12)
+    g = r["kd_gain"]
+    assert g["gain"] == r["student_kd"]["mean"] - r["student_ce"]["mean"]
+    assert g["beyond_noise"] == (g["gain"] > 2 * g["spread"])
+    e = r["ensemble"]
+    assert e["members"] == 2 and e["best_member_acc"] == max(t["acc"] for t in r["teachers"])
+    assert e["gain_over_best_member"] == e["acc"] - e["best_member_acc"]
     accs = [t["acc"] for t in r["teachers"]] + [
-        r["ensemble"]["acc"],
-        r["student_ce"]["acc"],
-        r["student_kd"]["acc"],
+        e["acc"],
         r["slim"]["baseline"]["acc"],
         r["slim"]["pruned"]["acc_before_finetune"],
         r["slim"]["pruned"]["acc"],
         r["cache"]["teacher_top1_agreement"],
     ]
-    assert len(r["teachers"]) == 1
     assert all(isinstance(a, float) and 0 <= a <= 1 for a in accs), accs
-    assert r["cache"]["num_samples"] == 192 and r["cache"]["views_per_sample"] == 2
-    assert r["cache"]["bytes"] > 0
-    base, pruned = r["slim"]["baseline"], r["slim"]["pruned"]
-    assert 0 < pruned["params"] < base["params"] and 0 < pruned["macs"] < base["macs"]
-    assert base["latency_ms"]["1"] > 0 and pruned["latency_ms"]["1"] > 0
-    assert r["slim"]["prune_ratio"] == 0.5
-    md = (out / "report.md").read_text()
+    assert r["cache"]["num_samples"] == 173 and r["cache"]["views_per_sample"] == 2
+    s = r["slim"]
+    assert s["model"] == "distill:seed0"  # the graph: slimming starts from the KD student
+    assert 0 < s["pruned"]["params"] < s["baseline"]["params"]
+    assert s["baseline"]["latency_ms"]["1"] > 0 and s["pruned"]["latency_ms"]["1"] > 0
+    assert s["prune_ratio"] == 0.5 and s["target"] == "channels"
+    assert {"below_1pct", "valley", "bimodality"} <= set(s["sparsity"]["separation"])
+    assert len(r["verdict"]) == 4
+    assert r["verdict"][0].startswith("ensemble of 2 teachers")
+    assert r["verdict"][1].startswith("KD gain") and "over 2 seeds" in r["verdict"][1]
+    assert r["verdict"][2].startswith("slimming: params -")
+    md = (out / "report" / "report.md").read_text()
+    assert "## Verdict" in md and "173 training, 19 validation" in md
     for key in ("accuracy", "gamma_before", "gamma_after", "widths"):
         png = out / "report" / f"{key}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
-        assert f"(report/{key}.png)" in md
+        assert f"({key}.png)" in md
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
@@ -118,50 +168,103 @@ def test_export_matches_pytorch(run_dir):
     assert torch.allclose(got, ref, atol=1e-4)
 
 
-def test_rerun_skips_every_step(run_dir):
+def test_rerun_skips_every_node(run_dir):
     out, _ = run_dir
     stdout = pipeline(out).stdout
-    assert steps_that_ran(stdout) == []
-    assert all(f"[{s}] skipped: complete" in stdout for s in PIPELINE_STEPS)
+    assert ran(stdout) == []
+    assert all(f"[{s}] skipped: complete" in stdout for s in EVERY)
     assert "0 step(s) ran" in stdout and "pruned + fine-tuned" in stdout
 
 
-def test_lost_or_unfinished_step_reruns_with_what_follows(run_dir):
+def test_lost_or_unfinished_node_reruns_alone(run_dir):
+    """Freshness is by content: a node whose outputs were lost runs again, and since it is
+    made from the same values and inputs its key (and so everything downstream) stands."""
     out, _ = run_dir
-    before = (out / "distill" / "metrics.json").stat().st_mtime_ns
-    shutil.rmtree(out / "prune")  # a late stage's outputs lost
+    before = (out / "distill/seed0/key.json").read_text()
+    shutil.rmtree(out / "prune")
     stdout = pipeline(out).stdout
-    assert steps_that_ran(stdout) == ["prune", "finetune", "export", "report"]
-    assert "[distill] skipped" in stdout
-    assert (out / "distill" / "metrics.json").stat().st_mtime_ns == before
-    assert any(p.name.startswith("finetune-") for p in (out / "stale").iterdir())
+    assert ran(stdout) == ["prune"]
+    assert (out / "distill/seed0/key.json").read_text() == before
 
-    # killed before the end: no metrics.json, config and checkpoints kept -> it resumes
+    # killed before the end: no metrics.json, checkpoints kept -> it resumes
     (out / "finetune" / "metrics.json").unlink()
     stdout = pipeline(out).stdout
-    assert steps_that_ran(stdout) == ["finetune", "export", "report"]
-    assert "[finetune] running (unfinished" in stdout
-    assert json.loads((out / "report.json").read_text())["export"]["ok"]
+    assert ran(stdout) == ["finetune"]
+    assert "[finetune] running (outputs missing)" in stdout and "resumed from" in stdout
+    assert json.loads((out / "report/report.json").read_text())["export"]["ok"]
+
+
+def test_a_changed_value_reruns_what_reads_it_and_says_which(run_dir, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run_dir[0], out)  # a node's key ignores run.out_dir: all complete here
+    stdout = pipeline(out, "finetune.loop.optim.lr=0.01").stdout
+    assert ran(stdout) == ["finetune", "export", "report"]
+    assert "[finetune] stale (finetune.loop.optim.lr: 0.02 -> 0.01)" in stdout
+    assert "[export] stale (input `model` changed)" in stdout
+    assert any(p.name.startswith("finetune-") for p in (out / "stale").iterdir())
+    # distill-ce reads cache.plain_first (the views it replays); the teachers do not
+    stdout = pipeline(out, "finetune.loop.optim.lr=0.01", "cache.plain_first=true").stdout
+    assert not any(n.startswith("train:") for n in ran(stdout))
+    assert {"cache", "distill-ce:seed0", "distill-ce:seed1"} <= set(ran(stdout))
+    assert "[distill-ce:seed0] stale (cache.plain_first: false -> true)" in stdout
+    # in a run of the CE students alone, that change re-runs distill-ce only
+    only = ["pipeline.stages=[train, distill-ce]"]
+    assert ran(pipeline(out, *only, "cache.plain_first=true").stdout) == []
+    stdout = pipeline(out, *only, "cache.plain_first=false").stdout
+    assert ran(stdout) == ["distill-ce:seed0", "distill-ce:seed1"]
+
+
+def test_two_runs_share_one_cache_and_nothing_is_moved(run_dir, tmp_path):
+    first, _ = run_dir
+    shared = first / "cache" / "data"
+    files = {p: p.stat().st_mtime_ns for p in shared.rglob("*") if p.is_file()}
+    out = tmp_path / "second"
+    stdout = pipeline(out, f"cache.dir={shared}", "pipeline.stages=[train, cache]").stdout
+    assert "reusing the complete cache" in stdout and "0 rows written" in stdout
+    assert {p: p.stat().st_mtime_ns for p in shared.rglob("*") if p.is_file()} == files
+    assert not (first / "stale").exists() or not any(
+        p.name.startswith("cache") for p in (first / "stale").iterdir()
+    )
+    assert json.loads((out / "cache" / "metrics.json").read_text())["rows_written"] == 0
+
+
+def test_plan_lists_every_node_with_its_dependencies():
+    proc = run_cli("plan", "--config", str(ROOT / "configs/quickstart.yaml"), *TINY)
+    jobs = {j["name"]: j for j in json.loads(proc.stdout)["jobs"]}
+    assert list(jobs) == EVERY
+    assert jobs["cache"]["after"] == MEMBERS and jobs["cache"]["resources"] == "array"
+    assert jobs["distill-ce:seed1"]["after"] == []
+    assert jobs["sparsity"]["after"] == ["distill:seed0"]  # the KD student, not a teacher
+    assert jobs["export"]["after"] == ["finetune"]
+    assert set(jobs["report"]["after"]) == set(EVERY) - {"report"}
+    assert jobs["prune"]["args"][:2] == ["prune", "--config"]
+    assert jobs["train:cifar_resnet20-s1"]["resources"] == "train"
 
 
 @pytest.mark.slow
 def test_two_processes_run_the_same_sequence(tmp_path):
-    """Under `accelerate launch` every rank runs every step; the process group survives
-    the stages' `end_training()` and the ranks agree on what to skip."""
+    """Under `accelerate launch` every rank runs every node with one runtime per process;
+    the ranks agree on what to skip and on what is stale."""
     out = tmp_path / "run"
-    slim = ("pipeline.ce_baseline=false", "pipeline.export=false")
+    slim = ("pipeline.ce_baseline=false", "pipeline.export=false", "distill.seeds=[0]")
     stdout = pipeline(out, *slim, processes=2).stdout
-    assert steps_that_ran(stdout) == [
-        s for s in PIPELINE_STEPS if s not in ("distill-ce", "export")
+    assert ran(stdout) == [
+        *MEMBERS,
+        "cache",
+        "verify-cache",
+        "distill:seed0",
+        "sparsity",
+        "prune",
+        "finetune",
+        "report",
     ]
     assert json.loads((out / "finetune" / "metrics.json").read_text())["world_size"] == 2
-    r = json.loads((out / "report.json").read_text())
-    assert r["student_ce"]["acc"] is None and r["export"] is None  # not run: null
+    r = json.loads((out / "report" / "report.json").read_text())
+    assert r["student_ce"]["mean"] is None and r["export"] is None  # not run: null
     assert r["slim"]["pruned"]["params"] < r["slim"]["baseline"]["params"]
-    # a changed config: the ranks agree that only that step and those after it run again
     stdout = pipeline(out, *slim, "finetune.loop.optim.lr=0.01", processes=2).stdout
-    assert steps_that_ran(stdout) == ["finetune", "report"]
-    assert "[prune] skipped: complete" in stdout and "differs from the config" in stdout
+    assert ran(stdout) == ["finetune", "report"]
+    assert "[prune] skipped: complete" in stdout and "finetune.loop.optim.lr" in stdout
 
 
 def test_pipeline_config_is_validated():

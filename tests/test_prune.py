@@ -19,7 +19,8 @@ from launch.config import Config
 from prune.l1 import bn_layers
 from prune.measure import count_macs, count_params
 from prune.shrink import apply_masks, slim
-from prune.threshold import all_gammas, global_threshold, layer_keep_masks
+from prune.target import measure_fn, removed_share, threshold_for
+from prune.threshold import all_gammas, global_threshold, layer_keep_masks, separation
 from tests.conftest import ROOT, run_cli
 
 
@@ -192,23 +193,32 @@ def test_cli_train_sparsity_prune_finetune(tmp_path):
     """The chain on digits; sparsity and prune run in 2 processes (DDP, all-reduce BN), prune
     in 2 rounds, and every rank must hold the same pruned model; fine-tune with live KD
     reloads and trains the smaller model."""
-    out = [*SMALL, f"run.out_dir={tmp_path}"]
-    steps = ["loop.max_steps=2", "loop.batch_size=32"]
-    run_cli("train", *out, "train.model.name=cifar_resnet20", *[f"train.{s}" for s in steps])
-    run_cli("sparsity", *out, "sparsity.s=0.01", *[f"sparsity.{s}" for s in steps], processes=2)
-    assert (tmp_path / "sparsity/gamma_hist_epoch000.png").is_file()
-    assert (tmp_path / "sparsity/gamma_hist_final.png").is_file()
-    run_cli(
-        "prune",
-        *out,
+    # one run's configuration for every stage; a run of these stages alone, so the graph has
+    # sparsity start from the teacher
+    run = [
+        *SMALL,
+        f"run.out_dir={tmp_path}",
+        "pipeline.stages=[train, sparsity, prune, finetune]",
+        "train.model.name=cifar_resnet20",
+        *(
+            f"{stage}.loop.{k}"
+            for stage in ("train", "sparsity", "finetune")
+            for k in ("max_steps=2", "batch_size=32")
+        ),
+        "sparsity.s=0.01",
         "prune.ratio=0.6",
         "prune.latency_repeats=2",
         "prune.latency_warmup=1",
         "prune.iterative.rounds=2",
         "prune.iterative.loop.max_steps=1",
         "prune.iterative.loop.batch_size=32",
-        processes=2,
-    )
+        "finetune.kd_from=live",
+    ]
+    run_cli("train", *run)
+    run_cli("sparsity", *run, processes=2)
+    assert (tmp_path / "sparsity/gamma_hist_epoch000.png").is_file()
+    assert (tmp_path / "sparsity/gamma_hist_final.png").is_file()
+    run_cli("prune", *run, processes=2)
     pdir = tmp_path / "prune"
     metrics = json.loads((pdir / "metrics.json").read_text())
     assert metrics["world_size"] == 2
@@ -225,23 +235,66 @@ def test_cli_train_sparsity_prune_finetune(tmp_path):
     assert count_params(pruned) == metrics["after"]["params"]
     assert spec["widths"] == model_widths(pruned)
 
-    run_cli(
-        "finetune",
-        *out,
-        *[f"finetune.{s}" for s in steps],
-        f"finetune.teacher={tmp_path / 'train/model'}",
-    )
+    assert metrics["source"] == str(tmp_path / "sparsity" / "model")
+    sparse = json.loads((tmp_path / "sparsity/metrics.json").read_text())
+    assert sparse["s"] == 0.01 and {"before", "after"} <= set(sparse["separation"])
+
+    run_cli("finetune", *run)
     tuned, _ = load_model(tmp_path / "finetune/model")
     assert model_widths(tuned) == model_widths(pruned)
     ft = json.loads((tmp_path / "finetune/metrics.json").read_text())
-    assert 0 <= ft["last"]["test_teacher_agreement"] <= 1  # live KD from the unpruned model
+    # live KD from the unpruned model (the sparsity stage's, by default)
+    assert 0 <= ft["selected"]["test_teacher_agreement"] <= 1
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs/cifar10").glob("slim_*.yaml")))
 def test_slimming_configs_load(path):
     cfg = load_config(Config, path)
-    assert 0 < cfg.prune.ratio < 1 and cfg.sparsity.s > 0
+    assert 0 < cfg.prune.ratio < 1 and (cfg.sparsity.s or cfg.sparsity.shrink) > 0
     assert cfg.sparsity.loop.optim.weight_decay == pytest.approx(1e-4)  # a float, not "1e-4"
+
+
+@pytest.mark.parametrize("target", ["macs", "params"])
+@pytest.mark.parametrize("family", ["resnet", "vgg", "mobilenetv3"])
+def test_prune_target_is_met_within_one_channel_group(family, target):
+    """The threshold for `ratio` of the MACs/params is the smallest that meets it: at the next
+    smaller |gamma| (one coupled group of channels fewer) the target is missed."""
+    model = randomise_bn(FAMILIES[family]())
+    x = torch.randn(2, 3, 16, 16)
+    measure = measure_fn(target, (3, 16, 16))
+    base = measure(model)
+    t = threshold_for(model, target, 0.5, 0.1, x)
+    assert removed_share(model, t, 0.1, x, measure, base) >= 0.5
+    below = torch.unique(all_gammas(model))
+    below = below[below < t]
+    assert len(below) and removed_share(model, float(below[-1]), 0.1, x, measure, base) < 0.5
+    with pytest.raises(ConfigError, match="prune.ratio"):  # beyond what the floors allow
+        threshold_for(model, target, 0.99, 0.5, x)
+
+
+def test_residual_channel_ratio_removes_less_than_it_says():
+    """Why `prune.target`: on a ResNet a coupled channel stays while any of its BNs keeps it,
+    so NS's rule at 0.7 removes far fewer channels than 70%; `target: macs` removes what it
+    says."""
+    model = randomise_bn(build_model("cifar_resnet20", 10))
+    x = torch.randn(2, 3, 16, 16)
+    t = threshold_for(model, "channels", 0.7, 0.1, x)
+    _, final, _ = slim(model, layer_keep_masks(model, t, 0.1), x)
+    removed = 1 - sum(int(k.sum()) for k in final.values()) / sum(len(k) for k in final.values())
+    assert removed < 0.5
+    macs = measure_fn("macs", (3, 16, 16))
+    t = threshold_for(model, "macs", 0.7, 0.1, x)
+    assert removed_share(model, t, 0.1, x, macs, macs(model)) >= 0.7
+
+
+def test_separation_finds_the_valley_of_a_bimodal_histogram():
+    g = torch.cat([torch.full((60,), 1e-4), torch.linspace(0.4, 0.7, 40)])
+    sep = separation(g, threshold=2e-4)
+    assert sep["below_1pct"] == pytest.approx(0.6)
+    assert 1e-4 < sep["valley"] < 0.4 and sep["bimodality"] > 0.9
+    assert sep["threshold_over_valley"] < 1 and sep["between_threshold_and_valley"] == 0
+    lump = separation(torch.linspace(0.4, 0.7, 100))
+    assert lump["below_1pct"] == 0 and lump["bimodality"] < sep["bimodality"]
 
 
 def test_scratch_b_epochs_match_the_macs_budget(tmp_path):

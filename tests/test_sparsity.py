@@ -14,9 +14,12 @@ from torch import nn
 from common.config import DataConfig, LoopConfig, OptimConfig, RunConfig
 from common.data import build_splits
 from common.logging import NullLogger
+from common.optim import lr_at
+from common.runtime import StageContext
 from common.syncbn import AllReduceBatchNorm, convert_allreduce_batchnorm
 from common.trainer import CrossEntropyTask, Trainer
-from prune.l1 import SparsityTask, add_l1_subgradient, bn_layers, s_at
+from prune.config import DEFAULT_SHRINK
+from prune.l1 import SparsityTask, add_l1_subgradient, bn_layers, s_at, s_for_shrink
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -144,16 +147,18 @@ def _one_step(tmp_path, s: float, accum: int, in_loss: bool) -> torch.Tensor:
     task = SparsityTask(
         CrossEntropyTask(), s=s, total_steps=1, steps_per_epoch=10**6, penalty_in_loss=in_loss
     )
+    ctx = StageContext(
+        Accelerator(cpu=True), tmp_path / f"s{s}-{accum}-{in_loss}", NullLogger(), "t"
+    )
     trainer = Trainer(
-        accelerator=Accelerator(cpu=True),
+        ctx=ctx,
         run=RunConfig(out_dir=str(tmp_path), dtype="float64"),
         loop=loop,
+        loop_key="sparsity.loop",
         model=model,
         spec={},
         task=task,
         splits=splits,
-        stage_dir=tmp_path / f"s{s}-{accum}-{in_loss}",
-        logger=NullLogger(),
     )
     trainer._train_step(iter(trainer_batches(trainer)))
     return torch.cat([bn.weight.detach().clone() for _, bn in bn_layers(trainer.unwrapped)])
@@ -182,3 +187,21 @@ def test_trainer_step_moves_gamma_by_lr_s_sign(tmp_path, in_loss):
             bn.weight.uniform_(-1, 1)
     sign = torch.cat([torch.sign(bn.weight.detach()) for _, bn in bn_layers(ref)])
     torch.testing.assert_close(slim - plain, -lr * s * sign.double(), rtol=0, atol=1e-12)
+
+
+def test_shrink_is_s_times_the_sum_of_the_learning_rates():
+    """NS's regime as arithmetic: s=1e-4 over 160 epochs of 782 steps at lr 0.1 / 0.01 / 0.001
+    (x0.1 at 50% and 75%) is a total shrinkage of ~0.66; `sparsity.shrink` asks for the total
+    and gets s for the run's own schedule."""
+    steps_per_epoch, epochs = 782, 160
+    ns = OptimConfig(lr=0.1, schedule="step", milestones=(0.5, 0.75), gamma=0.1)
+    total = steps_per_epoch * epochs
+    lrs = [lr_at(t, total, steps_per_epoch, ns) for t in range(total)]
+    assert 1e-4 * sum(lrs) == pytest.approx(0.66, abs=0.005)
+    assert pytest.approx(1e-4 * sum(lrs), abs=0.07) == DEFAULT_SHRINK
+    assert s_for_shrink(1e-4 * sum(lrs), lrs) == pytest.approx(1e-4, rel=1e-12)
+    # a 5-epoch cosine run at lr 0.1 needs a ~34x larger s for the same regime
+    short = [lr_at(t, 5 * 782, 782, OptimConfig(lr=0.1)) for t in range(5 * 782)]
+    assert 30 < s_for_shrink(0.66, short) / 1e-4 < 40
+    with pytest.raises(ValueError, match="sum to 0"):
+        s_for_shrink(0.6, [0.0, 0.0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -14,6 +15,8 @@ from common.checkpoint import load_model
 from tests.conftest import PY, ROOT, cli_env, run_cli
 from tests.equivalence import EXACT, F64, assert_same_weights, max_weight_diff, weights
 
+T = "train/cifar_resnet20-s0"
+"""The one teacher member SMALL trains: `train/<model>-s<seed>`."""
 SMALL = [
     "data.image_size=8",
     "data.pad=1",
@@ -43,19 +46,20 @@ def test_two_process_ddp_equals_one_process(tmp_path, accum):
     ]
     run_cli(*args, f"run.out_dir={tmp_path / 'one'}")
     run_cli(*args, f"run.out_dir={tmp_path / 'two'}", processes=2)
-    one, two = weights(tmp_path / "one/train"), weights(tmp_path / "two/train")
+    one, two = weights(tmp_path / "one" / T), weights(tmp_path / "two" / T)
     assert {t.dtype for t in [*one.values(), *two.values()] if t.is_floating_point()} == {
         torch.float64
     }
     assert_same_weights(one, two, EXACT)
-    m1 = json.loads((tmp_path / "one/train/metrics.json").read_text())
-    m2 = json.loads((tmp_path / "two/train/metrics.json").read_text())
+    m1 = json.loads((tmp_path / "one" / T / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / T / "metrics.json").read_text())
     assert (m1["world_size"], m2["world_size"]) == (1, 2)
     assert m1["last"]["test_num_samples"] == m2["last"]["test_num_samples"] == 359
+    assert m1["last"]["val_num_samples"] == m2["last"]["val_num_samples"] == 144
     assert m1["last"]["test_acc"] == m2["last"]["test_acc"]
     # the logged loss is the global batch's, not rank 0's half of it
     s1, s2 = (
-        [json.loads(x)["loss"] for x in (tmp_path / f"{r}/train/steps.jsonl").open()]
+        [json.loads(x)["loss"] for x in (tmp_path / r / T / "steps.jsonl").open()]
         for r in ("one", "two")
     )
     assert len(s1) == len(s2) == 3
@@ -66,7 +70,7 @@ def test_two_process_ddp_equals_one_process(tmp_path, accum):
         run_cli(
             *args, f"run.out_dir={tmp_path / 'unsynced'}", "train.loop.sync_bn=false", processes=2
         )
-        assert max_weight_diff(one, weights(tmp_path / "unsynced/train")) > 1e-3
+        assert max_weight_diff(one, weights(tmp_path / "unsynced" / T)) > 1e-3
 
 
 @pytest.mark.slow
@@ -90,20 +94,20 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    ckpts = out / "train" / "checkpoints"
+    ckpts = out / T / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and not any(ckpts.glob("ckpt-*")):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    assert not (out / "train" / "model").exists(), "the run finished before it was killed"
+    assert not (out / T / "model").exists(), "the run finished before it was killed"
     [ckpt] = list(ckpts.glob("ckpt-*"))
 
     resumed = run_cli(*args, f"run.out_dir={out}")
     assert "resumed from" in resumed.stdout
-    assert_same_weights(weights(tmp_path / "straight/train"), weights(out / "train"), atol=0)
-    m = json.loads((out / "train/metrics.json").read_text())
+    assert_same_weights(weights(tmp_path / "straight" / T), weights(out / T), atol=0)
+    m = json.loads((out / T / "metrics.json").read_text())
     assert [h["epoch"] for h in m["history"]] == [1, 2]
     assert ckpt.name.startswith("ckpt-")
 
@@ -118,11 +122,75 @@ def test_cli_train_on_digits_learns_and_saves_a_rebuildable_model(tmp_path):
         "train.loop.epochs=3",
         "logging.progress=false",
     )
-    assert "metrics in" in proc.stdout
-    metrics = json.loads((tmp_path / "train/metrics.json").read_text())
-    assert metrics["last"]["test_acc"] > 0.8  # chance is 0.1
-    assert metrics["selection_split"] == "test" and len(metrics["history"]) == 3
-    model, spec = load_model(tmp_path / "train/model")
+    assert f"[{T.replace('/', ':')}] done" in proc.stdout
+    metrics = json.loads((tmp_path / T / "metrics.json").read_text())
+    assert metrics["selected"]["test_acc"] > 0.8  # chance is 0.1
+    assert metrics["splits"] == {"train": 1294, "val": 144, "test": 359}
+    history = metrics["history"]
+    assert metrics["selection_split"] == "val" and len(history) == 3
+    # the kept epoch is the best on validation (the earliest of ties), whatever test says
+    best_val = max(h["val_acc"] for h in history)
+    assert metrics["selected"] == next(h for h in history if h["val_acc"] == best_val)
+    model, spec = load_model(tmp_path / T / "model")
     assert spec["name"] == "cifar_resnet20" and spec["num_classes"] == 10
-    assert (tmp_path / "train/config.yaml").is_file()
-    assert sum(p.numel() for p in model.parameters()) > 0
+    assert (tmp_path / T / "config.yaml").is_file() and (tmp_path / T / "key.json").is_file()
+    assert not (tmp_path / T / "best").exists()  # folded into model/
+    with torch.no_grad():  # model/ holds the selected epoch's weights: its accuracy is its
+        from accelerate import Accelerator
+
+        from common.config import DataConfig
+        from common.data import build_splits
+        from common.evaluate import evaluate
+
+        splits = build_splits(DataConfig(name="digits", image_size=16, pad=2, hflip=False), 0)
+        acc = evaluate(model, splits.test, Accelerator(cpu=True), batch_size=64)["acc"]
+    assert acc == metrics["selected"]["test_acc"]
+
+
+@pytest.mark.slow
+def test_resume_under_a_changed_config_is_refused(tmp_path):
+    """A run stopped after a checkpoint, restarted with another learning rate, must not mix
+    the two: refused with the differing key, unless `loop.resume=force` (then recorded)."""
+    args = [
+        "train",
+        "--config",
+        str(ROOT / "configs/quickstart.yaml"),
+        *SMALL,
+        f"run.out_dir={tmp_path}",
+        "train.loop.epochs=1",
+        "train.loop.max_steps=4",
+        "train.loop.checkpoint_every_steps=2",
+    ]
+    run_cli(*args)
+    node = tmp_path / T
+    for done in ("model", "metrics.json", "key.json", "config.yaml"):  # as if killed at step 4
+        path = node / done
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    refused = run_cli(*args, "train.loop.optim.lr=0.5", check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert "train.loop.optim.lr: 0.05 -> 0.5" in refused.stderr, refused.stderr
+    assert "resume=force" in refused.stderr
+    assert not (node / "model").exists() and not (node / "key.json").exists()
+    forced = run_cli(*args, "train.loop.optim.lr=0.5", "train.loop.resume=force")
+    assert "resumed from" in forced.stdout
+    m = json.loads((node / "metrics.json").read_text())
+    assert m["resumed_with_changed_config"] == ["train.loop.optim.lr: 0.05 -> 0.5"]
+
+
+@pytest.mark.slow
+def test_diverging_run_fails_and_saves_nothing(tmp_path):
+    proc = run_cli(
+        "train",
+        "--config",
+        str(ROOT / "configs/quickstart.yaml"),
+        *SMALL,
+        f"run.out_dir={tmp_path}",
+        "train.loop.epochs=1",
+        "train.loop.log_every=1",
+        "train.loop.optim.lr=1e6",
+        check=False,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "diverged" in proc.stderr and "train.loop.optim.lr" in proc.stderr
+    node = tmp_path / T
+    assert not any((node / f).exists() for f in ("model", "metrics.json", "key.json", "best"))

@@ -11,6 +11,7 @@ sample; image folders keep only the list of paths. Only labels (one int per samp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from collections.abc import Callable
@@ -23,12 +24,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from common.config import ConfigError, DataConfig
+from common.data.decoded import decoded, default_dir
+from common.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
-
-
-class DataError(ValueError):
-    """Bad input data: a missing directory, an empty class, an unreadable image."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +79,13 @@ def _decode(data: bytes, where: str) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
+def _load_digits():
+    from sklearn.datasets import load_digits
+
+    return load_digits()  # immutable, embedded in scikit-learn: read once per process
+
+
 class DigitsSource(ImageSource):
     """scikit-learn's embedded 8x8 digits (1,797 images): the offline quickstart default.
 
@@ -89,9 +95,7 @@ class DigitsSource(ImageSource):
     TRAIN = 1438
 
     def __init__(self, split: str):
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
+        d = _load_digits()
         order = np.random.RandomState(0).permutation(len(d.target))
         idx = order[: self.TRAIN] if split == "train" else order[self.TRAIN :]
         # 0..16 intensities -> 0..255, grey replicated to 3 channels so every model applies.
@@ -106,9 +110,20 @@ class DigitsSource(ImageSource):
 
 
 class ParquetSource(ImageSource):
-    """Hugging Face Parquet layout (`train-*.parquet`, `test-*.parquet`), memory-mapped."""
+    """Hugging Face Parquet layout (`train-*.parquet`, `test-*.parquet`), memory-mapped; with
+    `decode_dir`, the images are decoded once into a memory-mapped uint8 file there
+    (`common.data.decoded`) instead of per read."""
 
-    def __init__(self, name, files: list[Path], split, num_classes, native_size, stats):
+    def __init__(
+        self,
+        name,
+        files: list[Path],
+        split,
+        num_classes,
+        native_size,
+        stats,
+        decode_dir: Path | None = None,
+    ):
         import datasets
 
         ds = datasets.load_dataset(
@@ -131,10 +146,33 @@ class ParquetSource(ImageSource):
         self.name, self.split, self.num_classes = name, split, num_classes
         self.native_size, self.stats = native_size, stats
         self._where = files[0].parent
+        self._decoded = None
+        if decode_dir is not None and native_size is not None:
+            identity = {
+                "files": [
+                    [str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files
+                ],
+                "split": split,
+                "column": self._img_col,
+            }
+            shape = (len(self.labels), 3, native_size, native_size)
+            self._decoded = decoded(decode_dir, identity, shape, self._blobs, self._decode_at)
+
+    def _bytes(self, sample_id: int) -> bytes:
+        cell = self._ds.data.column(self._img_col)[int(sample_id)].as_py()
+        return cell["bytes"] if isinstance(cell, dict) else cell
+
+    def _blobs(self):
+        for i in range(len(self.labels)):
+            yield self._bytes(i)
+
+    def _decode_at(self, data: bytes, sample_id: int) -> np.ndarray:
+        return _decode(data, f"#{sample_id} in {self._where}").permute(1, 2, 0).numpy()
 
     def image(self, sample_id: int) -> torch.Tensor:
-        cell = self._ds[int(sample_id)][self._img_col]
-        data = cell["bytes"] if isinstance(cell, dict) else cell
+        if self._decoded is not None:
+            return torch.from_numpy(np.array(self._decoded[int(sample_id)]))
+        data = self._bytes(sample_id)
         return _decode(data, f"#{sample_id} in {self._where}")
 
 
@@ -234,7 +272,10 @@ def _require_root(cfg: DataConfig) -> Path:
         raise ConfigError(f"data.root must be set for dataset `{cfg.name}` (a local directory)")
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
-        raise DataError(f"data.root {root} does not exist or is not a directory")
+        raise DataError(
+            f"data.root {root} does not exist or is not a directory: point it at the "
+            f"dataset's local copy"
+        )
     return root
 
 
@@ -245,7 +286,11 @@ def _cifar(num_classes: int, stats: Stats) -> Callable[[DataConfig, str], ImageS
         root = _require_root(cfg)
         files = sorted(root.rglob(f"{split}-*.parquet"))
         if files:
-            return ParquetSource(cfg.name, files, split, num_classes, 32, stats)
+            decode = None
+            if cfg.decode_once:
+                decode = str(cfg.decode_dir or default_dir())
+            stamps = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+            return _parquet(cfg.name, stamps, split, num_classes, stats, decode)
         if (root / tv_dir).is_dir():
             return TorchvisionCifarSource(cfg.name, root / tv_dir, split, num_classes, stats)
         if root.name == tv_dir:
@@ -256,6 +301,15 @@ def _cifar(num_classes: int, stats: Stats) -> Callable[[DataConfig, str], ImageS
         )
 
     return build
+
+
+@functools.lru_cache(maxsize=8)
+def _parquet(name, stamps: tuple, split, num_classes, stats, decode: str | None) -> ImageSource:
+    """One ParquetSource per (files as they are now, split): freshness checks ask for the
+    same dataset many times in a run, and opening it costs ~1 s; a changed file (its size or
+    time) is another key."""
+    files = [Path(f) for f, _, _ in stamps]
+    return ParquetSource(name, files, split, num_classes, 32, stats, decode and Path(decode))
 
 
 SOURCES: dict[str, Callable[[DataConfig, str], ImageSource]] = {
@@ -273,21 +327,24 @@ def build_source(cfg: DataConfig, split: str) -> ImageSource:
     return SOURCES[cfg.name](cfg, split)
 
 
-class HeadSource(ImageSource):
-    """The first `n` samples of another source (ids unchanged): experiments on a budget."""
+class SubsetSource(ImageSource):
+    """Some samples of another source, renumbered 0..n-1 in the given order: the first N
+    (`data.train_subset`), or the train / validation parts of a training set. The fingerprint
+    names the subset, so a cache made for one part is never read for another."""
 
-    def __init__(self, base: ImageSource, n: int):
-        if n <= 0:
-            raise ConfigError(f"a data subset must be positive, got {n}")
-        self._base = base
-        self.labels = base.labels[:n]
+    def __init__(self, base: ImageSource, indices: np.ndarray, tag: str):
+        if len(indices) == 0:
+            raise ConfigError(f"the {tag} subset of {base.name}/{base.split} is empty")
+        self._base, self._indices, self.tag = base, np.asarray(indices, dtype=np.int64), tag
+        self.labels = base.labels[self._indices]
         self.name, self.split, self.num_classes = base.name, base.split, base.num_classes
         self.native_size, self.stats = base.native_size, base.stats
 
     def image(self, sample_id: int) -> torch.Tensor:
-        return self._base.image(sample_id)
+        return self._base.image(int(self._indices[sample_id]))
 
     def fingerprint(self) -> dict:
         fp = self._base.fingerprint()
         fp.update(super().fingerprint())
+        fp["subsets"] = [*fp.get("subsets", []), self.tag]
         return fp

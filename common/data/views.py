@@ -13,11 +13,12 @@ import json
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from common.config import DataConfig
-from common.data.seeding import rng_for
+from common.data.seeding import mix, rng_for
 from common.data.sources import ImageSource
 
 _VIEW_SALT = 0x51EE
@@ -62,7 +63,7 @@ class ViewRecipe:
             "std": self.std.flatten().tolist(),
             "seed": self.seed,
             "plain_view_zero": self.plain_view_zero,
-            "algorithm": 1,  # bump when the sampling code below changes
+            "algorithm": 2,  # bump when the sampling code below changes
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
@@ -76,15 +77,18 @@ class ViewRecipe:
 
     def params(self, sample_id: int, view_id: int, height: int, width: int) -> ViewParams:
         """Parameters of a view of an image of the given (source) size."""
-        rng = rng_for(self.seed, _VIEW_SALT, sample_id, view_id)
-        flip = bool(self.hflip and rng.random() < 0.5)
-        if self.kind == "cifar":
-            span = 2 * self.pad
-            top, left = (int(v) for v in rng.integers(0, span + 1, size=2))
-            return ViewParams(top, left, self.size, self.size, flip)
         if self.kind == "imagenet":
+            rng = rng_for(self.seed, _VIEW_SALT, sample_id, view_id)
+            flip = bool(self.hflip and rng.random() < 0.5)
             return _random_resized_crop(rng, height, width, self.scale, self.ratio, flip)
-        return ViewParams(0, 0, self.size, self.size, False)
+        if self.kind == "none":
+            return ViewParams(0, 0, self.size, self.size, False)
+        # cifar: three small integers straight from one 63-bit hash (a numpy Generator per
+        # view cost more than the crop itself)
+        h = mix(self.seed, _VIEW_SALT, sample_id, view_id)
+        span = 2 * self.pad + 1
+        top, left = (h >> 1) % span, (h >> 21) % span
+        return ViewParams(top, left, self.size, self.size, bool(self.hflip and h & 1))
 
     def view(self, img: torch.Tensor, sample_id: int, view_id: int) -> torch.Tensor:
         """Training view `view_id` of sample `sample_id` (uint8 [3,H,W] -> float [3,S,S])."""
@@ -95,11 +99,10 @@ class ViewRecipe:
             out = img[:, p.top : p.top + p.height, p.left : p.left + p.width]
             out = _resize(out, self.size, self.size)
         else:
-            base = self._base(img)
             p = self.params(sample_id, view_id, self.size, self.size)
-            if self.kind == "cifar" and self.pad:
-                base = F.pad(base, (self.pad,) * 4)
-            out = base[:, p.top : p.top + p.height, p.left : p.left + p.width]
+            out = _shifted(self._base(img).numpy(), p.top - self.pad, p.left - self.pad)
+            out = torch.from_numpy(np.ascontiguousarray(out[:, :, ::-1] if p.flip else out))
+            return self._normalise(out)
         if p.flip:
             out = out.flip(-1)
         return self._normalise(out)
@@ -126,6 +129,17 @@ class ViewRecipe:
 
     def _normalise(self, img: torch.Tensor) -> torch.Tensor:
         return (img.float().div_(255.0) - self.mean) / self.std
+
+
+def _shifted(img: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """The image moved by (-dy, -dx) with zeros shifted in: the pad-then-crop of the cifar
+    recipe in one copy, without materialising the padded image."""
+    _, h, w = img.shape
+    out = np.zeros_like(img)
+    ys, ye, xs, xe = max(dy, 0), min(dy + h, h), max(dx, 0), min(dx + w, w)
+    if ys < ye and xs < xe:
+        out[:, ys - dy : ye - dy, xs - dx : xe - dx] = img[:, ys:ye, xs:xe]
+    return out
 
 
 def _resize(img: torch.Tensor, h: int, w: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The offline teacher-logit cache: writer, reader and verifier (see layout.py)."""
 
-from distill.cache.layout import CacheError, ShardPlan
-from distill.cache.reader import LogitCache, consumer_expectation
+from common.errors import CacheError
+from distill.cache.layout import ShardPlan, cache_identity
+from distill.cache.reader import LogitCache
 
-__all__ = ["CacheError", "LogitCache", "ShardPlan", "consumer_expectation"]
+__all__ = ["CacheError", "LogitCache", "ShardPlan", "cache_identity"]

@@ -21,12 +21,58 @@ from pathlib import Path
 
 import numpy as np
 
-CACHE_FORMAT = 1
+from common.errors import CacheError, ConfigError
+
+CACHE_FORMAT = 2
+"""1: keys and targets; 2: + `logit_dtype`, and `layout` apart from the content identity."""
 SPEC_FILE, MANIFEST_FILE = "spec.json", "manifest.json"
 
 
-class CacheError(ValueError):
-    """A cache that is missing, incomplete, corrupt, or made for other data or teachers."""
+def cache_identity(cfg, dataset, teachers: list[dict]) -> dict:
+    """Everything that decides a cache's contents, and nothing that only decides how it was
+    written (process count, shards, batch and part sizes: those are `layout`). A run may use
+    a cache exactly when its request equals the cache's identity, whoever wrote it."""
+    c = cfg.cache
+    num_classes = dataset.source.num_classes
+    if c.storage == "topk" and c.topk > num_classes:
+        raise ConfigError(
+            f"`cache.topk` {c.topk} is more than the {num_classes} classes of "
+            f"`data.name` {cfg.data.name}: lower it (or use cache.storage=full)"
+        )
+    return {
+        "format": CACHE_FORMAT,
+        "dataset": dataset.source.fingerprint(),
+        "views": {
+            "count": c.views,
+            "plain_first": c.plain_first,
+            "recipe_sha256": dataset.recipe.fingerprint(),
+            "seed": dataset.recipe.seed,
+        },
+        "teachers": teachers,
+        "ensemble": c.ensemble,
+        "storage": {
+            "mode": c.storage,
+            "k": c.topk if c.storage == "topk" else None,
+            "index_dtype": index_dtype(num_classes) if c.storage == "topk" else None,
+            "per_teacher": c.per_teacher,
+            "logit_dtype": c.logit_dtype,
+        },
+        "num_classes": num_classes,
+        "precision": cfg.run.mixed_precision,  # the teachers' autocast; verify re-scores so
+        "dtype": cfg.run.dtype,  # the teachers' arithmetic (float64: the testing mode)
+    }
+
+
+def identity_of(spec_or_manifest: dict) -> dict:
+    """The identity part of a spec.json or manifest.json."""
+    keys = ("format", "dataset", "views", "teachers", "ensemble", "storage", "num_classes")
+    keys += ("precision", "dtype")
+    out = {k: spec_or_manifest.get(k) for k in keys}
+    # the manifest adds each teacher's accuracy on the cached views: not part of the identity
+    out["teachers"] = [
+        {k: v for k, v in t.items() if k != "acc_on_cached_views"} for t in out["teachers"] or []
+    ]
+    return out
 
 
 def shard_name(index: int, count: int) -> str:
@@ -61,6 +107,12 @@ def index_dtype(num_classes: int) -> str:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def mismatch(root: Path, what: str, diffs: list[str], fix: str) -> CacheError:
+    """The error for a cache in `root` that is not the one asked for: the differences, listed,
+    and what to do (never: move or rebuild the cache in place)."""
+    return CacheError(f"{root} holds {what}:\n  " + "\n  ".join(diffs) + f"\n{fix}")
 
 
 def describe_mismatch(found: dict, expected: dict, prefix: str = "") -> list[str]:

@@ -17,35 +17,22 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from common.data import ViewDataset
+from common.errors import CacheError
 from distill.cache.layout import (
     MANIFEST_FILE,
     SPEC_FILE,
-    CacheError,
     describe_mismatch,
+    identity_of,
+    mismatch,
     read_json,
     shard_name,
 )
 
 
-def consumer_expectation(
-    dataset: ViewDataset, views: int | None = None, teachers: list[dict] | None = None
-) -> dict:
-    """The part of a cache spec a consumer can check from its own configuration."""
-    exp = {
-        "dataset": dataset.source.fingerprint(),
-        "views": {"recipe_sha256": dataset.recipe.fingerprint(), "seed": dataset.recipe.seed},
-        "num_classes": dataset.source.num_classes,
-    }
-    if views is not None:
-        exp["views"]["count"] = views
-    if teachers is not None:
-        exp["teachers"] = teachers
-    return exp
-
-
 class LogitCache:
     def __init__(self, root: str | Path, expect: dict | None = None):
+        """Open the cache in `root`; with `expect` (a request, `cache_identity`), refuse one
+        made for other data, views, teachers or storage, listing the differences."""
         self.root = Path(root)
         manifest_path = self.root / MANIFEST_FILE
         if not manifest_path.is_file():
@@ -58,14 +45,14 @@ class LogitCache:
             raise CacheError(f"no cache at {self.root} (no {MANIFEST_FILE}): run `cache` first")
         self.manifest = read_json(manifest_path)
         if expect is not None:
-            found = {k: _subset(self.manifest.get(k), v) for k, v in expect.items()}
-            diffs = describe_mismatch(found, expect)
+            diffs = describe_mismatch(identity_of(self.manifest), expect)
             if diffs:
-                raise CacheError(
-                    f"the cache in {self.root} does not match this run:\n  "
-                    + "\n  ".join(diffs)
-                    + "\nRebuild it with `cache` for this configuration, or point "
-                    "cache.dir at the matching cache."
+                raise mismatch(
+                    self.root,
+                    "a cache that does not match this run",
+                    diffs,
+                    "Run `cache` for this configuration (it writes to another directory "
+                    "with `cache.dir: auto`), or point cache.dir at the matching cache.",
                 )
         self.views = self.manifest["views"]["count"]
         self.num_classes = self.manifest["num_classes"]
@@ -125,12 +112,3 @@ def _column(table, name: str) -> torch.Tensor:
     if arr.dtype.kind == "f":  # float16 storage is promoted; float32/float64 kept as stored
         return torch.from_numpy(arr.astype(np.promote_types(arr.dtype, np.float32)))
     return torch.from_numpy(arr.astype(np.int64))
-
-
-def _subset(found, expected):
-    """The keys of `found` that `expected` names (so extra manifest keys do not count)."""
-    if isinstance(found, dict) and isinstance(expected, dict):
-        return {k: _subset(found.get(k), v) for k, v in expected.items()}
-    if isinstance(found, list) and isinstance(expected, list) and len(found) == len(expected):
-        return [_subset(f, e) for f, e in zip(found, expected)]
-    return found

@@ -2,29 +2,46 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
 from common.config import ConfigError
 from common.data import build_splits
+from distill.cache.layout import cache_identity
 from distill.config import TeacherConfig
+from distill.teachers import teacher_identity
 
 
-def cache_root(cfg) -> Path:
-    return Path(cfg.cache.dir or Path(cfg.run.out_dir) / "cache")
-
-
-def teacher_configs(cfg) -> list[TeacherConfig]:
-    """cache.teachers, or by default the model the `train` stage of this run produced."""
+def teacher_configs(cfg, trained: list[Path]) -> list[TeacherConfig]:
+    """`cache.teachers` when the configuration names them, else the model directories of the
+    ensemble this run trained (`trained`, from the stage graph)."""
     if cfg.cache.teachers:
         return cfg.cache.teachers
-    default = Path(cfg.run.out_dir) / "train" / "model"
-    if not default.is_dir():
-        raise ConfigError(
-            f"cache.teachers is empty and there is no trained model at {default}: list the "
-            f"teacher model directories in cache.teachers (or run `train` first)"
-        )
-    return [TeacherConfig(path=str(default))]
+    if not trained:
+        raise ConfigError("no teachers: list model directories in `cache.teachers`")
+    return [TeacherConfig(path=str(p)) for p in trained]
+
+
+def request(cfg, teachers: list[TeacherConfig]) -> dict:
+    """The identity of the cache this configuration asks for (see `cache_identity`)."""
+    dataset = cached_splits(cfg).train
+    idents = [teacher_identity(t, dataset.source.num_classes) for t in teachers]
+    return cache_identity(cfg, dataset, idents)
+
+
+def cache_root(cfg, teachers: list[TeacherConfig]) -> Path:
+    """Where the cache lives: `cache.dir`; None: `<run.out_dir>/cache/data`; `auto`: a
+    directory named by the hash of the request under `cache.root`, so equal requests share
+    one cache whichever run makes it first."""
+    c = cfg.cache
+    if c.dir is None:
+        return Path(cfg.run.out_dir) / "cache" / "data"
+    if c.dir == "auto":
+        text = json.dumps(request(cfg, teachers), sort_keys=True, default=str)
+        return Path(c.root) / hashlib.sha256(text.encode()).hexdigest()[:16]
+    return Path(c.dir)
 
 
 def cached_splits(cfg):

@@ -14,7 +14,8 @@ import torch
 
 from common.checkpoint import file_sha256
 from common.data import ViewDataset
-from distill.cache.layout import CacheError, row_keys, shard_name
+from common.errors import CacheError
+from distill.cache.layout import row_keys, shard_name
 from distill.cache.reader import LogitCache
 from distill.teachers import Ensemble
 

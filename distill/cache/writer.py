@@ -22,13 +22,11 @@ from common.checkpoint import file_sha256
 from common.data import ViewDataset, make_loader
 from common.logging import NullLogger, write_json
 from distill.cache.layout import (
-    CACHE_FORMAT,
     MANIFEST_FILE,
     SPEC_FILE,
-    CacheError,
     ShardPlan,
     describe_mismatch,
-    index_dtype,
+    mismatch,
     read_json,
     row_keys,
     shard_name,
@@ -38,33 +36,11 @@ from distill.teachers import Ensemble
 datasets.disable_progress_bars()
 
 
-def build_spec(*, dataset: ViewDataset, ensemble: Ensemble, cfg, seed: int) -> dict:
-    """Everything that decides the cache's contents; a consumer must match all of it."""
+def build_spec(identity: dict, cfg, num_shards: int) -> dict:
+    """spec.json: the cache's identity and how it is being written."""
     c = cfg.cache
-    num_classes = dataset.source.num_classes
-    return {
-        "format": CACHE_FORMAT,
-        "dataset": dataset.source.fingerprint(),
-        "views": {
-            "count": c.views,
-            "plain_first": c.plain_first,
-            "recipe_sha256": dataset.recipe.fingerprint(),
-            "seed": seed,
-        },
-        "teachers": ensemble.identities,
-        "ensemble": c.ensemble,
-        "storage": {
-            "mode": c.storage,
-            "k": min(c.topk, num_classes) if c.storage == "topk" else None,
-            "index_dtype": index_dtype(num_classes) if c.storage == "topk" else None,
-            "per_teacher": c.per_teacher,
-            "logit_dtype": c.logit_dtype,
-        },
-        "num_classes": num_classes,
-        "precision": cfg.run.mixed_precision,  # the teachers' autocast; verify re-scores so
-        "dtype": cfg.run.dtype,  # the teachers' arithmetic (float64: the testing mode)
-        "layout": {"batch_size": c.batch_size, "rows_per_part": c.rows_per_part},
-    }
+    layout = {"batch_size": c.batch_size, "rows_per_part": c.rows_per_part}
+    return {**identity, "layout": {**layout, "num_shards": num_shards}}
 
 
 def claim_spec(root: Path, spec: dict) -> None:
@@ -73,10 +49,12 @@ def claim_spec(root: Path, spec: dict) -> None:
     if path.is_file():
         diffs = describe_mismatch(read_json(path), spec)
         if diffs:
-            raise CacheError(
-                f"{root} holds a cache made with another configuration:\n  "
-                + "\n  ".join(diffs)
-                + f"\nUse another cache.dir, or delete {root} to rebuild it."
+            raise mismatch(
+                root,
+                "an unfinished cache started with another configuration",
+                diffs,
+                "Finish it with that configuration, or point cache.dir elsewhere (or "
+                "`cache.dir: auto`); kdslim never moves or rebuilds a cache in place.",
             )
         return
     root.mkdir(parents=True, exist_ok=True)
@@ -104,6 +82,7 @@ class ShardWriter:
         self.num_workers, self.log = num_workers, logger
         self.part_rows = max(plan.batch_size, rows_per_part // plan.batch_size * plan.batch_size)
         self.storage = spec["storage"]
+        self.rows_written = 0  # by this process, in this run (resumed parts do not count)
         self.logit_dtype = np.dtype(self.storage["logit_dtype"])
         self.dtype = next(ensemble.parameters()).dtype
 
@@ -168,6 +147,7 @@ class ShardWriter:
         write_json(tmp / "stats.json", stats)
         part.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, part)
+        self.rows_written += end - start
         return stats
 
     def _encode(self, batch: dict, target: torch.Tensor, per: torch.Tensor) -> dict:

@@ -1,73 +1,111 @@
-"""`cache`: score the teacher ensemble on V replayable views of every training sample."""
+"""`cache`: score the teacher ensemble on V replayable views of every training sample.
+
+The cache lives in its own directory (`cache.dir`, see `distill.cache.setup.cache_root`); this
+stage's directory holds only its config, logs and metrics. A complete cache that equals this
+run's request is reused as it is (0 rows written), whichever run made it; one made for another
+request is refused with the differences, never moved or rebuilt in place.
+"""
 
 from __future__ import annotations
 
 from common.logging import write_json
 from common.precision import DTYPES
-from common.runtime import open_stage
-from distill.cache.layout import ShardPlan
-from distill.cache.setup import cache_root, cached_splits, shard_assignment, teacher_configs
+from distill.cache.layout import (
+    MANIFEST_FILE,
+    ShardPlan,
+    describe_mismatch,
+    identity_of,
+    mismatch,
+    read_json,
+)
+from distill.cache.setup import (
+    cache_root,
+    cached_splits,
+    request,
+    shard_assignment,
+    teacher_configs,
+)
 from distill.cache.writer import ShardWriter, build_spec, claim_spec, try_write_manifest
 from distill.teachers import build_ensemble
 
 
-def run(cfg) -> dict:
-    root = cache_root(cfg)
-    rt = open_stage(cfg, "cache", stage_dir=root)
-    acc = rt.accelerator
-    try:
-        dataset = cached_splits(cfg).train
-        ensemble = build_ensemble(
-            teacher_configs(cfg), dataset.source.num_classes, cfg.cache.ensemble
-        ).to(acc.device, DTYPES[cfg.run.dtype])
-        num_shards, mine = shard_assignment(cfg, acc.process_index, acc.num_processes)
-        spec = build_spec(dataset=dataset, ensemble=ensemble, cfg=cfg, seed=cfg.run.seed)
-        spec["layout"]["num_shards"] = num_shards
-        # main writes (or checks) spec.json first; then every other process (and array task)
-        # checks it resumes the same cache
-        if rt.is_main:
-            claim_spec(root, spec)
-        acc.wait_for_everyone()
-        if not rt.is_main:
-            claim_spec(root, spec)
-        plan = ShardPlan(len(dataset) * cfg.cache.views, cfg.cache.batch_size, num_shards)
-        writer = ShardWriter(
-            root=root,
-            spec=spec,
-            dataset=dataset,
-            ensemble=ensemble,
-            plan=plan,
-            views=cfg.cache.views,
-            device=acc.device,
-            autocast=acc.autocast,
-            num_workers=cfg.data.num_workers,
-            rows_per_part=cfg.cache.rows_per_part,
-            logger=rt.logger,
-        )
-        for index in mine:
-            writer.write(index)
-        acc.wait_for_everyone()
-        manifest = try_write_manifest(root, plan) if rt.is_main else None
-        if manifest is None:
-            if rt.is_main:
-                rt.logger.info(
-                    f"cache: shards {mine} of {num_shards} done in {root}; the "
-                    f"manifest is written when the last shard finishes"
-                )
-            return {}
-        metrics = {
-            "num_samples": manifest["dataset"]["num_samples"],
-            "views_per_sample": manifest["views"]["count"],
-            "bytes": manifest["bytes"],
-            "teachers": [{"acc": t["acc_on_cached_views"]} for t in manifest["teachers"]],
-            "ensemble_acc": manifest["ensemble_acc_on_cached_views"],
-        }
-        write_json(root / "metrics.json", metrics)
-        rt.logger.info(
-            f"cache: complete in {root} ({manifest['num_rows']} rows, "
-            f"{manifest['bytes'] / 1e6:.1f} MB); ensemble accuracy on cached views "
-            f"{metrics['ensemble_acc']:.4f}"
-        )
-        return metrics
-    finally:
-        rt.close()
+def run(cfg, inputs, ctx) -> dict:
+    teachers = teacher_configs(cfg, inputs["teachers"])
+    root = cache_root(cfg, teachers)
+    wanted = request(cfg, teachers)
+    manifest_path = root / MANIFEST_FILE
+    if manifest_path.is_file():
+        manifest = read_json(manifest_path)
+        diffs = describe_mismatch(identity_of(manifest), wanted)
+        if diffs:
+            raise mismatch(
+                root,
+                "a complete cache made for another request",
+                diffs,
+                "Point cache.dir elsewhere, or use `cache.dir: auto` (one directory per "
+                "request); kdslim never moves or rebuilds a cache in place.",
+            )
+        ctx.logger.info(f"cache: reusing the complete cache in {root} (0 rows written)")
+        return _finish(ctx, manifest, root, rows_written=0)
+
+    acc = ctx.accelerator
+    dataset = cached_splits(cfg).train
+    ensemble = build_ensemble(teachers, dataset.source.num_classes, cfg.cache.ensemble).to(
+        acc.device, DTYPES[cfg.run.dtype]
+    )
+    num_shards, mine = shard_assignment(cfg, acc.process_index, acc.num_processes)
+    spec = build_spec(wanted, cfg, num_shards)
+    # rank 0 writes (or checks) spec.json first; then every other process (and array task)
+    # checks it continues the same cache
+    if ctx.is_main:
+        claim_spec(root, spec)
+    ctx.barrier()
+    if not ctx.is_main:
+        claim_spec(root, spec)
+    plan = ShardPlan(len(dataset) * cfg.cache.views, cfg.cache.batch_size, num_shards)
+    writer = ShardWriter(
+        root=root,
+        spec=spec,
+        dataset=dataset,
+        ensemble=ensemble,
+        plan=plan,
+        views=cfg.cache.views,
+        device=acc.device,
+        autocast=acc.autocast,
+        num_workers=cfg.data.num_workers,
+        rows_per_part=cfg.cache.rows_per_part,
+        logger=ctx.logger,
+    )
+    for index in mine:
+        writer.write(index)
+    written = writer.rows_written
+    ctx.barrier()
+    manifest = try_write_manifest(root, plan) if ctx.is_main else None
+    if manifest is None:
+        if ctx.is_main:
+            ctx.logger.info(
+                f"cache: shards {mine} of {num_shards} done in {root}; the manifest is "
+                f"written when the last shard finishes"
+            )
+        return {"rows_written": written}
+    return _finish(ctx, manifest, root, rows_written=written)
+
+
+def _finish(ctx, manifest: dict, root, rows_written: int) -> dict:
+    metrics = {
+        "cache_dir": str(root),
+        "rows_written": rows_written,
+        "num_samples": manifest["dataset"]["num_samples"],
+        "views_per_sample": manifest["views"]["count"],
+        "bytes": manifest["bytes"],
+        "teachers": [{"acc": t["acc_on_cached_views"]} for t in manifest["teachers"]],
+        "ensemble_acc": manifest["ensemble_acc_on_cached_views"],
+    }
+    if ctx.is_main:
+        write_json(ctx.stage_dir / "metrics.json", metrics)
+    ctx.logger.info(
+        f"cache: complete in {root} ({manifest['num_rows']} rows, "
+        f"{manifest['bytes'] / 1e6:.1f} MB, {rows_written} written now); ensemble accuracy on "
+        f"the cached views {metrics['ensemble_acc']:.4f}"
+    )
+    return metrics

@@ -1,111 +1,63 @@
-"""`distill`: train the student on the ensemble's soft targets (cached or live), or on labels
-alone (`distill.mode=ce`, the baseline), in the shared DDP loop."""
+"""`distill` and `distill-ce`: one student per seed, on the ensemble's soft targets (cached, or
+live with `distill.mode=online`) or, for the baseline, on labels alone; every other setting is
+shared, and both replay the same cached views, so the loss is the only difference."""
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import torch
 
 from common.checkpoint import model_spec
-from common.config import ConfigError
-from common.distributed import place_frozen
 from common.models import build_model
-from common.precision import DTYPES
-from common.runtime import open_stage
 from common.trainer import CrossEntropyTask, Trainer
-from distill.cache import LogitCache, consumer_expectation
-from distill.cache.setup import cache_root, cached_splits, teacher_configs
-from distill.task import (
-    CachedTargetDataset,
-    CachedTeacher,
-    KDTask,
-    OnlineTeacher,
-    replay_cached_views,
-    teacher_test_logits,
-)
-from distill.teachers import build_ensemble
-
-STAGE_DIRS = {"cached": "distill", "online": "distill-online", "ce": "distill-ce"}
+from distill.cache.setup import cached_splits, teacher_configs
+from distill.task import replay_cached_views
+from launch.stages.teachers import cached_kd, live_kd
 
 
-def run(cfg) -> dict:
+def run(cfg, inputs, ctx) -> dict:
     d = cfg.distill
-    rt = open_stage(cfg, STAGE_DIRS[d.mode], live_teacher=d.mode == "online")
-    acc = rt.accelerator
-    seed = cfg.run.seed if d.seed is None else d.seed
-    try:
-        splits = cached_splits(cfg)
-        num_classes = splits.num_classes
-        task, choose = CrossEntropyTask(d.loop.label_smoothing), None
-        if d.mode != "ce":
-            ensemble = _teachers(cfg, num_classes, required=d.mode == "online")
-            identities = test_logits = None
-            if ensemble is not None:
-                identities = ensemble.identities
-                dtype = DTYPES[cfg.run.dtype]
-                ensemble = place_frozen(ensemble.to(dtype), acc, rt.logger.info)
-                test_logits = teacher_test_logits(
-                    ensemble,
-                    splits.test,
-                    acc.process_index,
-                    acc.num_processes,
-                    acc.device,
-                    dtype=dtype,
-                )
-            if d.mode == "cached":
-                ensemble = None  # identities and test logits were all it was needed for
-                cache = LogitCache(
-                    cache_root(cfg),
-                    consumer_expectation(splits.train, cfg.cache.views, identities),
-                )
-                splits = dataclasses.replace(splits, train=CachedTargetDataset(splits.train, cache))
-                teacher = CachedTeacher(num_classes)
-            else:
-                teacher = OnlineTeacher(ensemble)
-            task = KDTask(teacher, d.temperature, d.alpha, test_logits)
-            choose = replay_cached_views(cfg.cache.views, seed)
-        s = d.student
-        torch.manual_seed(seed)
-        student = build_model(s.name, num_classes, weights=s.weights, **s.kwargs)
-        trainer = Trainer(
-            accelerator=acc,
-            run=dataclasses.replace(cfg.run, seed=seed),
-            loop=d.loop,
-            model=student,
-            spec=model_spec(s.name, num_classes, s.kwargs),
-            task=task,
-            splits=splits,
-            stage_dir=rt.stage_dir,
-            logger=rt.logger,
-            **({"choose_views": choose} if choose else {}),
+    seed = int(ctx.instance.removeprefix("seed"))
+    splits = cached_splits(cfg)
+    if ctx.name.startswith("distill-ce"):
+        task = CrossEntropyTask(d.loop.label_smoothing)
+        choose = replay_cached_views(cfg.cache.views, seed)
+    elif d.mode == "cached":
+        task, splits, choose = cached_kd(
+            cfg,
+            d.kd,
+            splits,
+            ctx,
+            cache_dir=inputs["cache"],
+            trained=inputs["teachers"],
+            seed=seed,
+            with_test_logits=True,
         )
-        metrics = trainer.fit()
-        last = metrics["last"] or {}
-        rt.logger.info(
-            f"{rt.stage_dir.name}: student test acc {last.get('test_acc', float('nan')):.4f}"
-            + (
-                f", agreement with teachers {last['test_teacher_agreement']:.4f}"
-                if "test_teacher_agreement" in last
-                else ""
-            )
-            + f"; metrics in {rt.stage_dir / 'metrics.json'}"
-        )
-        return metrics
-    finally:
-        rt.close()
-
-
-def _teachers(cfg, num_classes: int, required: bool):
-    """The ensemble for online targets and for test-split agreement metrics. Cached mode can
-    run without it (the cache suffices), but then the cache's teachers cannot be re-checked."""
-    try:
-        cfgs = teacher_configs(cfg)
-    except ConfigError:
-        if required:
-            raise
-        return None
-    if not required and not all(Path(c.path or c.weights).exists() for c in cfgs):
-        return None
-    return build_ensemble(cfgs, num_classes, cfg.cache.ensemble)
+    else:
+        teachers = teacher_configs(cfg, inputs["teachers"])
+        task = live_kd(cfg, d.kd, splits, ctx, teachers, cfg.cache.ensemble)
+        choose = replay_cached_views(cfg.cache.views, seed)
+    s = d.student
+    torch.manual_seed(seed)
+    student = build_model(s.name, splits.num_classes, weights=s.weights, **s.kwargs)
+    trainer = Trainer(
+        ctx=ctx,
+        run=dataclasses.replace(cfg.run, seed=seed),  # init, batch order, choice of views
+        loop=d.loop,
+        loop_key="distill.loop",
+        model=student,
+        spec=model_spec(s.name, splits.num_classes, s.kwargs),
+        task=task,
+        splits=splits,
+        choose_views=choose,
+    )
+    metrics = trainer.fit()
+    chosen = metrics["selected"] or {}
+    agreement = chosen.get("test_teacher_agreement")
+    ctx.logger.info(
+        f"{ctx.name}: student test acc {chosen.get('test_acc', float('nan')):.4f} (epoch "
+        f"{chosen.get('epoch')}, chosen on {metrics['selection_split']})"
+        + (f", agreement with teachers {agreement:.4f}" if agreement is not None else "")
+    )
+    return metrics

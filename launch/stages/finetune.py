@@ -1,6 +1,7 @@
-"""`finetune`: train the pruned model in DDP (same trainer), optionally with live KD from the
-unpruned model, or as the scratch-B baseline (Liu et al. 2019: the pruned architecture from
-random init, epochs scaled by MACs_unpruned / MACs_pruned so the compute budget matches)."""
+"""`finetune`: train the pruned model in the same loop: on labels, distilled from the cached
+soft targets or from a live teacher (by default the unpruned model), or as the scratch-B
+baseline (Liu et al. 2019: the pruned architecture from random init, epochs scaled by
+MACs_unpruned / MACs_pruned so the compute budget matches)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,10 @@ from pathlib import Path
 import torch
 
 from common.checkpoint import build_from_spec, load_model
-from common.config import ConfigError
-from common.data import build_splits
-from common.distributed import place_frozen
-from common.precision import DTYPES
-from common.runtime import open_stage
-from common.trainer import CrossEntropyTask, Trainer
+from common.errors import ConfigError
+from common.trainer import Trainer
 from distill.config import TeacherConfig
-from distill.task import KDTask, OnlineTeacher, teacher_test_logits
-from distill.teachers import build_ensemble
+from launch.stages.teachers import labels_or_cached_kd, live_kd
 
 
 def scratch_b_epochs(epochs: int, prune_metrics: Path) -> int:
@@ -32,55 +28,30 @@ def scratch_b_epochs(epochs: int, prune_metrics: Path) -> int:
     return max(1, round(epochs * m["before"]["macs"] / m["after"]["macs"]))
 
 
-def run(cfg, stage: str = "finetune", stage_dir=None) -> dict:
+def run(cfg, inputs, ctx) -> dict:
     fc = cfg.finetune
-    init = Path(fc.init or Path(cfg.run.out_dir) / "prune" / "model")
+    model, spec = load_model(inputs["model"])
     loop = fc.loop
     if fc.scratch_b:
-        stage = "scratch_b" if stage == "finetune" else stage
-        loop = replace(loop, epochs=scratch_b_epochs(loop.epochs, init.parent / "metrics.json"))
-    rt = open_stage(cfg, stage, stage_dir, live_teacher=fc.teacher is not None)
-    try:
-        model, spec = load_model(init)
-        if fc.scratch_b:
-            torch.manual_seed(cfg.run.seed)  # same fresh init on every rank
-            model = build_from_spec(spec)
-            rt.logger.info(f"scratch-B: {loop.epochs} epochs from random init")
-        splits = build_splits(cfg.data, cfg.run.seed)
-        task = CrossEntropyTask(loop.label_smoothing)
-        if fc.teacher is not None:  # live KD from the unpruned model
-            acc = rt.accelerator
-            ensemble = build_ensemble(
-                [TeacherConfig(path=fc.teacher)], splits.num_classes, "logits"
-            )
-            dtype = DTYPES[cfg.run.dtype]
-            ensemble = place_frozen(ensemble.to(dtype), acc, rt.logger.info)
-            task = KDTask(
-                OnlineTeacher(ensemble),
-                fc.kd_temperature,
-                fc.kd_alpha,
-                teacher_test_logits(
-                    ensemble,
-                    splits.test,
-                    acc.process_index,
-                    acc.num_processes,
-                    acc.device,
-                    dtype=dtype,
-                ),
-            )
-        trainer = Trainer(
-            accelerator=rt.accelerator,
-            run=cfg.run,
-            loop=loop,
-            model=model,
-            spec=spec,
-            splits=splits,
-            task=task,
-            stage_dir=rt.stage_dir,
-            logger=rt.logger,
+        loop = replace(
+            loop, epochs=scratch_b_epochs(loop.epochs, inputs["model"].parent / "metrics.json")
         )
-        metrics = trainer.fit()
-        rt.logger.info(f"{stage}: metrics in {rt.stage_dir / 'metrics.json'}")
-        return metrics
-    finally:
-        rt.close()
+        torch.manual_seed(cfg.run.seed)  # same fresh init on every rank
+        model = build_from_spec(spec)
+        ctx.logger.info(f"scratch-B: {loop.epochs} epochs from random init")
+    task, splits, choose = labels_or_cached_kd(cfg, fc, loop, inputs, ctx)
+    if fc.kd_from == "live":
+        teacher = [TeacherConfig(path=str(inputs["teacher"]))]
+        task = live_kd(cfg, fc.kd, splits, ctx, teacher, "logits")
+    trainer = Trainer(
+        ctx=ctx,
+        run=cfg.run,
+        loop=loop,
+        loop_key="finetune.loop",
+        model=model,
+        spec=spec,
+        splits=splits,
+        task=task,
+        **({"choose_views": choose} if choose else {}),
+    )
+    return trainer.fit()

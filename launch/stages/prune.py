@@ -1,14 +1,16 @@
-"""`prune`: global |gamma| threshold, coupled channel removal, a physically smaller model.
+"""`prune`: a global |gamma| threshold, coupled channels removed, a physically smaller model.
 
-Every rank prunes the same replicated weights (Torch-Pruning's DDP flow); the threshold is
-computed on rank 0, broadcast, and each rank checks it against its own, and after pruning
-each rank's weights + widths hash is gathered and compared, so a divergence stops the run
-instead of silently training different networks. Iterative mode (`prune.iterative.rounds`)
-repeats prune -> fine-tune, each round in `round_K/`.
+Every rank prunes the same replicated weights (Torch-Pruning's DDP flow): the threshold is
+computed on rank 0, broadcast and checked against every rank's own, and each rank's pruned
+weights + widths digest is compared, so a divergence stops the run instead of silently
+training different networks. The schedule (`prune.schedule`) and the threshold for a target
+(`prune.target`) are pure functions; this module runs one round of them at a time and measures
+before and after with the trainer's own evaluation (`common.evaluate`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -18,115 +20,124 @@ from accelerate.utils import broadcast
 from torch import nn
 
 from common.checkpoint import load_model, save_model
-from common.data import build_splits, eval_batches, make_loader
+from common.data import build_splits
+from common.evaluate import evaluate
 from common.logging import write_json
 from common.models import model_widths
-from common.runtime import open_stage
 from common.trainer import CrossEntropyTask, Trainer
 from prune.l1 import SparsityTask, bn_layers, require_bn
 from prune.measure import count_macs, count_params, latency_ms
 from prune.plots import widths_plot
+from prune.schedule import last_round, round_ratio
 from prune.shrink import slim
-from prune.threshold import all_gammas, global_threshold, layer_keep_masks
+from prune.target import threshold_for
+from prune.threshold import all_gammas, layer_keep_masks, separation
+
+CONVENTIONS = (
+    "MACs: Conv2d+Linear multiply-accumulates per sample (batch 1); FLOPs = 2*MACs; BN, "
+    "activations, pooling, additions not counted. Latency: median ms of eval forwards under "
+    "torch.inference_mode on this CPU."
+)
 
 
-def run(cfg, stage: str = "prune", stage_dir=None) -> dict:
-    rt = open_stage(cfg, stage, stage_dir)
-    try:
-        pc, acc = cfg.prune, rt.accelerator
-        init = Path(pc.init or Path(cfg.run.out_dir) / "sparsity" / "model")
-        original, spec = load_model(init)
-        require_bn(original, "prune.init")
-        splits = build_splits(cfg.data, cfg.run.seed)
-        shape = tuple(splits.test[(0, -1)]["image"].shape)  # (3, H, W)
-        gen = torch.Generator().manual_seed(cfg.run.seed)
-        example = torch.randn(4, *shape, generator=gen)  # same on every rank
-        eval_bs = max(1, cfg.finetune.loop.batch_size // acc.num_processes)
+def run(cfg, inputs, ctx) -> dict:
+    pc, acc = cfg.prune, ctx.accelerator
+    original, spec = load_model(inputs["model"])
+    require_bn(original, "prune.init")
+    splits = build_splits(cfg.data, cfg.run.seed)
+    shape = tuple(splits.test[(0, -1)]["image"].shape)  # (3, H, W)
+    example = torch.randn(4, *shape, generator=torch.Generator().manual_seed(cfg.run.seed))
+    example = example.to(next(original.parameters()).dtype)  # the same on every rank
 
-        before = _size_and_speed(original, shape, pc, rt.is_main)
-        before["test_acc"] = evaluate(acc, original, splits, eval_bs)
-        it = pc.iterative
-        per_round = 1 - (1 - pc.ratio) ** (1 / it.rounds)
-        current, rounds = original, []
-        for k in range(it.rounds):
-            rdir = rt.stage_dir if it.rounds == 1 else rt.stage_dir / f"round_{k + 1}"
-            threshold = agreed_threshold(acc, current, per_round)
-            masks = layer_keep_masks(current, threshold, pc.min_channels_ratio)
-            pruned, _, report = slim(current, masks, example)
-            digest = check_identical(acc, pruned, rdir)
-            round_spec = {**spec, "widths": model_widths(pruned)}
-            macs = count_macs(pruned, shape)
-            record = {
-                "round": k + 1,
-                "ratio": per_round,
-                "threshold": threshold,
-                "macs": macs,
-                "params": count_params(pruned),
-                "test_acc_pruned": evaluate(acc, pruned, splits, eval_bs),
-                "unfolded": report["unfolded"],
-                "state_sha256": digest,
-            }
-            if rt.is_main and it.rounds > 1:
-                save_model(rdir / "model", pruned, round_spec)
-                write_json(rdir / "metrics.json", record)
-            rounds.append(record)
-            rt.logger.info(f"prune round {k + 1}: {record}")
-            budget_met = it.macs_budget is not None and macs <= it.macs_budget * before["macs"]
-            if k == it.rounds - 1 or budget_met:
-                break
-            current = _finetune_round(cfg, rt, pruned, round_spec, splits, rdir / "finetune")
+    def accuracy(model: nn.Module, split: str) -> float:
+        dataset = getattr(splits, split)
+        return evaluate(model.to(acc.device), dataset, acc, batch_size=256)["acc"]
 
-        after = _size_and_speed(pruned, shape, pc, rt.is_main)
-        after["test_acc"] = rounds[-1]["test_acc_pruned"]  # before fine-tuning
-        per_layer = {
-            name: {"kept": m.num_features, "total": original.get_submodule(name).num_features}
-            for name, m in bn_layers(pruned)
+    before = _size_and_speed(original, shape, pc, ctx.is_main)
+    before.update(test_acc=accuracy(original, "test"))
+    per_round = round_ratio(pc.ratio, pc.iterative.rounds)
+    current, rounds = original, []
+    for k in range(pc.iterative.rounds):
+        rdir = ctx.stage_dir if pc.iterative.rounds == 1 else ctx.stage_dir / f"round_{k + 1}"
+        pruned, record = prune_round(acc, current, pc, per_round, example, rdir)
+        record.update(round=k + 1, test_acc_pruned=accuracy(pruned, "test"))
+        rounds.append(record)
+        ctx.logger.info(f"prune round {k + 1}: {record}")
+        round_spec = {**spec, "widths": model_widths(pruned)}
+        if ctx.is_main and pc.iterative.rounds > 1:
+            save_model(rdir / "model", pruned, round_spec)
+            write_json(rdir / "metrics.json", record)
+        if last_round(
+            k, pc.iterative.rounds, record["macs"] / before["macs"], pc.iterative.macs_budget
+        ):
+            break
+        current = _finetune_between(cfg, ctx, pruned, round_spec, splits, rdir / "finetune")
+
+    after = _size_and_speed(pruned, shape, pc, ctx.is_main)
+    after.update(test_acc=rounds[-1]["test_acc_pruned"])  # before fine-tuning
+    per_layer = {
+        name: {"kept": m.num_features, "total": original.get_submodule(name).num_features}
+        for name, m in bn_layers(pruned)
+    }
+    metrics = {
+        "target": pc.target,
+        "ratio": pc.ratio,
+        "min_channels_ratio": pc.min_channels_ratio,
+        "threshold": rounds[-1]["threshold"],
+        "separation": separation(all_gammas(original), rounds[0]["threshold"]),
+        "conventions": CONVENTIONS,
+        "before": before,
+        "after": after,
+        "params_ratio": after["params"] / before["params"],
+        "macs_ratio": after["macs"] / before["macs"],
+        "latency_ratio": {
+            b: after["latency_ms"][b] / before["latency_ms"][b] for b in before["latency_ms"]
         }
-        metrics = {
-            "ratio": pc.ratio,
-            "min_channels_ratio": pc.min_channels_ratio,
-            "threshold": rounds[-1]["threshold"],
-            "conventions": "MACs: Conv2d+Linear multiply-accumulates per sample (batch 1); "
-            "FLOPs = 2*MACs; BN, activations, pooling, additions not counted. "
-            "Latency: median ms of eval forwards under torch.inference_mode on this CPU.",
-            "before": before,
-            "after": after,
-            "params_ratio": after["params"] / before["params"],
-            "macs_ratio": after["macs"] / before["macs"],
-            "latency_ratio": {
-                b: after["latency_ms"][b] / before["latency_ms"][b] for b in before["latency_ms"]
-            }
-            if rt.is_main
-            else None,
-            "channels": {
-                "kept": sum(v["kept"] for v in per_layer.values()),
-                "total": sum(v["total"] for v in per_layer.values()),
-            },
-            "per_layer": per_layer,
-            "rounds": rounds,
-            "world_size": acc.num_processes,
-            "model_dir": str(rt.stage_dir / "model"),
-            "source": str(init),
-        }
-        if rt.is_main:
-            save_model(rt.stage_dir / "model", pruned, round_spec)
-            widths_plot(per_layer, rt.stage_dir / "widths.png", f"kept channels ({init})")
-            rt.logger.log_image("prune/widths", rt.stage_dir / "widths.png")
-            write_json(rt.stage_dir / "metrics.json", metrics)
-        acc.wait_for_everyone()
-        rt.logger.info(
-            f"{stage}: params {before['params']} -> {after['params']}, MACs {before['macs']} -> "
-            f"{after['macs']}, test acc {before['test_acc']:.4f} -> {after['test_acc']:.4f} "
-            f"(before fine-tuning); metrics in {rt.stage_dir / 'metrics.json'}"
-        )
-        return metrics
-    finally:
-        rt.close()
+        if ctx.is_main
+        else None,
+        "channels": {
+            "kept": sum(v["kept"] for v in per_layer.values()),
+            "total": sum(v["total"] for v in per_layer.values()),
+        },
+        "per_layer": per_layer,
+        "rounds": rounds,
+        "world_size": acc.num_processes,
+        "source": str(inputs["model"]),
+    }
+    if ctx.is_main:
+        save_model(ctx.stage_dir / "model", pruned, {**spec, "widths": model_widths(pruned)})
+        widths_plot(per_layer, ctx.stage_dir / "widths.png", f"kept channels ({inputs['model']})")
+        ctx.logger.log_image("prune/widths", ctx.stage_dir / "widths.png")
+        write_json(ctx.stage_dir / "metrics.json", metrics)
+    ctx.barrier()
+    ctx.logger.info(
+        f"prune: params {before['params']} -> {after['params']}, MACs {before['macs']} -> "
+        f"{after['macs']}, test acc {before['test_acc']:.4f} -> {after['test_acc']:.4f} "
+        f"(before fine-tuning)"
+    )
+    return metrics
 
 
-def agreed_threshold(acc, model: nn.Module, ratio: float) -> float:
-    """Rank 0's global threshold, broadcast; every rank must hold the same gammas."""
-    local = global_threshold(all_gammas(model), ratio)
+def prune_round(acc, model: nn.Module, pc, ratio: float, example, rdir: Path):
+    """One round: the agreed threshold for `ratio` of `pc.target`, coupled masks with floors,
+    the shrunk model (checked identical on every rank) and the round's record."""
+    threshold = agreed_threshold(acc, model, pc.target, ratio, pc.min_channels_ratio, example)
+    masks = layer_keep_masks(model, threshold, pc.min_channels_ratio)
+    pruned, _, report = slim(model, masks, example)
+    record = {
+        "ratio": ratio,
+        "threshold": threshold,
+        "macs": count_macs(pruned, tuple(example.shape[1:])),
+        "params": count_params(pruned),
+        "unfolded": report["unfolded"],
+        "state_sha256": check_identical(acc, pruned, rdir),
+    }
+    return pruned, record
+
+
+def agreed_threshold(acc, model, target: str, ratio: float, floor: float, example) -> float:
+    """Rank 0's global threshold, broadcast; every rank must find the same one."""
+    local = threshold_for(model, target, ratio, floor, example)
     if acc.num_processes == 1:
         return local
     value = torch.tensor([local if acc.is_main_process else 0.0], dtype=torch.float64)
@@ -162,24 +173,6 @@ def check_identical(acc, model: nn.Module, directory: Path) -> str:
     return digest
 
 
-@torch.no_grad()
-def evaluate(acc, model: nn.Module, splits, batch_size: int) -> float:
-    """Test accuracy, each rank on its share, summed over ranks."""
-    was_training = model.training
-    model.eval().to(acc.device)
-    batches = eval_batches(len(splits.test), batch_size, acc.process_index, acc.num_processes)
-    correct = count = 0
-    for batch in make_loader(splits.test, batches, splits.num_workers):
-        logits = model(batch["image"].to(acc.device, next(model.parameters()).dtype))
-        correct += int((logits.argmax(1).cpu() == batch["label"]).sum())
-        count += len(logits)
-    model.train(was_training)
-    total = acc.reduce(
-        torch.tensor([correct, count], dtype=torch.float64, device=acc.device), "sum"
-    )
-    return float(total[0] / max(total[1], 1))
-
-
 def _size_and_speed(model: nn.Module, shape, pc, is_main: bool) -> dict:
     macs = count_macs(model, shape)
     out = {"params": count_params(model), "macs": macs, "flops": 2 * macs}
@@ -194,27 +187,25 @@ def _size_and_speed(model: nn.Module, shape, pc, is_main: bool) -> dict:
     return out
 
 
-def _finetune_round(cfg, rt, model, spec, splits, directory: Path) -> nn.Module:
+def _finetune_between(cfg, ctx, model, spec, splits, directory: Path) -> nn.Module:
     """Fine-tune between rounds (with L1 kept on if `prune.iterative.s` > 0); reload the
     result from disk so every rank continues from the same plain (non-synced-BN) model."""
     it = cfg.prune.iterative
     task = CrossEntropyTask(it.loop.label_smoothing)
     if it.s > 0:
         task = SparsityTask(task, s=it.s, total_steps=1, steps_per_epoch=1)
-    if rt.is_main:
+    if ctx.is_main:
         directory.mkdir(parents=True, exist_ok=True)
-    rt.accelerator.wait_for_everyone()
-    trainer = Trainer(
-        accelerator=rt.accelerator,
+    ctx.barrier()
+    Trainer(
+        ctx=dataclasses.replace(ctx, stage_dir=directory),
         run=cfg.run,
         loop=it.loop,
+        loop_key="prune.iterative.loop",
         model=model,
         spec=spec,
         splits=splits,
         task=task,
-        stage_dir=directory,
-        logger=rt.logger,
-    )
-    trainer.fit()
+    ).fit()
     reloaded, _ = load_model(directory / "model")
     return reloaded

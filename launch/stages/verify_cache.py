@@ -4,42 +4,35 @@ from __future__ import annotations
 
 from common.logging import write_json
 from common.precision import DTYPES
-from common.runtime import open_stage
-from distill.cache import LogitCache, consumer_expectation
-from distill.cache.setup import cache_root, cached_splits, teacher_configs
+from distill.cache import LogitCache
+from distill.cache.setup import cached_splits, request, teacher_configs
 from distill.cache.verify import check_files_and_keys, spot_check
 from distill.teachers import build_ensemble
 
 
-def run(cfg) -> dict:
-    root = cache_root(cfg)
-    rt = open_stage(cfg, "verify-cache", stage_dir=root / "verify")
-    try:
-        dataset = cached_splits(cfg).train
-        ensemble = build_ensemble(
-            teacher_configs(cfg), dataset.source.num_classes, cfg.cache.ensemble
-        ).to(rt.accelerator.device, DTYPES[cfg.run.dtype])
-        cache = LogitCache(
-            root, consumer_expectation(dataset, cfg.cache.views, ensemble.identities)
+def run(cfg, inputs, ctx) -> dict:
+    teachers = teacher_configs(cfg, inputs["teachers"])
+    dataset = cached_splits(cfg).train
+    cache = LogitCache(inputs["cache"], request(cfg, teachers))
+    ensemble = build_ensemble(teachers, dataset.source.num_classes, cfg.cache.ensemble).to(
+        ctx.accelerator.device, DTYPES[cfg.run.dtype]
+    )
+    report = {"cache_dir": str(inputs["cache"]), "rows": check_files_and_keys(cache)}
+    report.update(
+        spot_check(
+            cache,
+            dataset,
+            ensemble,
+            cfg.cache.verify_samples,
+            cfg.run.seed,
+            ctx.accelerator.device,
         )
-        report = {"rows": check_files_and_keys(cache)}
-        report.update(
-            spot_check(
-                cache,
-                dataset,
-                ensemble,
-                cfg.cache.verify_samples,
-                cfg.run.seed,
-                rt.accelerator.device,
-            )
+    )
+    if ctx.is_main:
+        write_json(ctx.stage_dir / "metrics.json", report)
+        ctx.logger.info(
+            f"verify-cache: OK: {report['rows']} rows complete, checksums match, "
+            f"{report['rows_checked']} re-scored rows agree (top-1 "
+            f"{report['top1_agreement']:.2%}, max |diff| {report['max_abs_diff']:.2g})"
         )
-        if rt.is_main:
-            write_json(rt.stage_dir / "metrics.json", report)
-            rt.logger.info(
-                f"verify-cache: OK: {report['rows']} rows complete, checksums match, "
-                f"{report['rows_checked']} re-scored rows agree (top-1 "
-                f"{report['top1_agreement']:.2%}, max |diff| {report['max_abs_diff']:.2g})"
-            )
-        return report
-    finally:
-        rt.close()
+    return report

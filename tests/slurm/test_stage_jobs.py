@@ -14,7 +14,8 @@ import pytest
 from tests.conftest import ROOT, run_cli
 from tests.equivalence import EXACT, F64, assert_same_weights, weights
 from tests.slurm.localslurm import SlurmCluster
-from tests.test_train import SMALL
+from tests.test_pipeline import TINY
+from tests.test_train import SMALL, T
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -70,11 +71,11 @@ def test_two_node_ddp_equals_one_process(slurm_cluster: SlurmCluster, tmp_path: 
     out = _out(log)
     _done(records)
     assert "2 node(s) x 1 process(es), cpu" in out, out[-3000:]
-    m2 = json.loads((tmp_path / "two/train/metrics.json").read_text())
-    m1 = json.loads((tmp_path / "one/train/metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / T / "metrics.json").read_text())
+    m1 = json.loads((tmp_path / "one" / T / "metrics.json").read_text())
     assert (m1["world_size"], m2["world_size"]) == (1, 2)
     # float64: only summation order differs (tests/equivalence.py derives the bound)
-    assert_same_weights(weights(tmp_path / "one/train"), weights(tmp_path / "two/train"), EXACT)
+    assert_same_weights(weights(tmp_path / "one" / T), weights(tmp_path / "two" / T), EXACT)
     assert m1["last"]["test_num_samples"] == m2["last"]["test_num_samples"] == 359
 
 
@@ -105,7 +106,7 @@ def test_usr2_requeue_resume_equals_uninterrupted(
         script_args=[*args, f"run.out_dir={out_dir}"],
         cwd=ROOT,
     )
-    ckpts = out_dir / "train" / "checkpoints"
+    ckpts = out_dir / T / "checkpoints"
     deadline = time.monotonic() + 180
     while not any(ckpts.glob("ckpt-*")):
         assert slurm_cluster.in_queue(job), f"job ended before a checkpoint\n{_out(log)}"
@@ -123,82 +124,71 @@ def test_usr2_requeue_resume_equals_uninterrupted(
     assert "resumed from" in out, out[-4000:]
     resumed_at = int(out.split("resumed from")[1].split("(step ")[1].split(",")[0])
     assert 2 <= resumed_at < 12, "the run was not interrupted mid-training"
-    assert_same_weights(weights(tmp_path / "straight/train"), weights(out_dir / "train"), 0)
-    history = json.loads((out_dir / "train/metrics.json").read_text())["history"]
+    assert_same_weights(weights(tmp_path / "straight" / T), weights(out_dir / T), 0)
+    history = json.loads((out_dir / T / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1]
     # both runs logged into one wandb run (offline: one directory per start, same id)
-    runs = sorted((out_dir / "train" / "wandb").glob("offline-run-*"))
+    runs = sorted((out_dir / T / "wandb").glob("offline-run-*"))
     assert len(runs) == 2, runs
     assert len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs
 
 
-def test_submit_chain_dry_run_links_every_stage() -> None:
-    proc = subprocess.run(
-        [
-            "bash",
-            str(SUBMIT),
-            "--dry-run",
-            "--config",
-            QUICK,
-            "--teacher-config",
-            QUICK,
-            "--teacher-config",
-            QUICK,
-            "--nodes",
-            "2",
-            "--gpus-per-node",
-            "4",
-            "--partition",
-            "gpu",
-            "--time",
-            "2:00:00",
-            "--cache-shards",
-            "6",
-            "--cache-parallel",
-            "3",
-            "--",
-            "run.out_dir=runs/x",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
+def _submit(*args: str, cluster: SlurmCluster | None = None, cwd: Path = ROOT):
+    cmd = ["bash", str(SUBMIT), *args]
+    if cluster is None:
+        return subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=cwd)
+    return cluster.run(*cmd, env_extra=JOB_ENV, cwd=cwd, timeout=120)
+
+
+def test_submit_dry_run_submits_exactly_the_plan() -> None:
+    """One sbatch per node of `python -m launch plan` (teacher members and seeds included),
+    each waiting for the jobs it reads from; the cache as an array."""
+    overrides = ["--", "run.out_dir=runs/x", *TINY]
+    proc = _submit(
+        "--dry-run",
+        "--config",
+        QUICK,
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+        "--partition",
+        "gpu",
+        "--time",
+        "2:00:00",
+        "--cache-shards",
+        "6",
+        "--cache-parallel",
+        "3",
+        *overrides,
     )
-    jobs = [line.split()[:2] for line in proc.stdout.splitlines()]
-    assert [s for s, _ in jobs] == [
-        "train",
-        "train",
-        "cache",
-        "verify-cache",
-        "distill",
-        "sparsity",
-        "prune",
-        "finetune",
-    ], proc.stdout
-    cmds = [c for c in proc.stderr.splitlines() if c.startswith("sbatch ")]
-    assert len(cmds) == len(jobs)
-    ids = [i for _, i in jobs]
-    assert "--dependency" not in cmds[0] and "--dependency" not in cmds[1]
-    assert f"--dependency=afterok:{ids[0]}:{ids[1]}" in cmds[2]
-    for k in range(3, len(cmds)):
-        assert f"--dependency=afterok:{ids[k - 1]}" in cmds[k], cmds[k]
-    assert "--array=0-5%3" in cmds[2] and "cache_array.sbatch" in cmds[2]
-    for c in cmds:
-        assert "--partition=gpu" in c and "--time=2:00:00" in c and "run.out_dir=runs/x" in c
-    assert "--nodes=2" in cmds[4] and "--gpus-per-node=4" in cmds[4]  # distill: 2 x 4 GPUs
-    assert "--nodes=1" in cmds[6] and "--gpus-per-node=1" in cmds[6]  # prune: one process
+    jobs = dict(line.split()[:2] for line in proc.stdout.splitlines())
+    plan = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "launch", "plan", "--config", QUICK, *overrides[1:]],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        ).stdout
+    )["jobs"]
+    assert list(jobs) == [j["name"] for j in plan]
+    cmds = {c.split("--job-name=kdslim-")[1].split()[0]: c for c in proc.stderr.splitlines()}
+    assert len(cmds) == len(plan)
+    for job in plan:
+        cmd = cmds[job["name"].replace(":", "-")]
+        if job["after"]:
+            ids = ":".join(jobs[a] for a in job["after"])
+            assert f"--dependency=afterok:{ids}" in cmd, cmd
+        else:
+            assert "--dependency" not in cmd, cmd
+        assert "--partition=gpu" in cmd and "--time=2:00:00" in cmd and "run.out_dir=runs/x" in cmd
+    assert "--array=0-5%3" in cmds["cache"] and "cache_array.sbatch" in cmds["cache"]
+    assert "--nodes=2" in cmds["distill-seed1"] and "--gpus-per-node=4" in cmds["distill-seed1"]
+    assert "--nodes=1" in cmds["prune"] and "--gpus-per-node=1" in cmds["prune"]
+    assert "stage.sbatch train:cifar_resnet20-s1 --config" in cmds["train-cifar_resnet20-s1"]
 
 
-def _stage_exists(name: str) -> bool:
-    from launch.__main__ import STAGES
-
-    return name in STAGES
-
-
-@pytest.mark.skipif(
-    not (_stage_exists("cache") and _stage_exists("verify-cache")),
-    reason="the cache / verify-cache stages are not in launch/__main__.py STAGES yet",
-)
 def test_cache_array_then_verify_via_submit_chain(
     slurm_cluster: SlurmCluster, tmp_path: Path
 ) -> None:
@@ -208,9 +198,7 @@ def test_cache_array_then_verify_via_submit_chain(
     tiny = [*SMALL, "train.loop.epochs=1", "train.loop.max_steps=2", f"run.out_dir={out_dir}"]
     run_cli("train", "--config", QUICK, *tiny)  # the teacher (cache default: run's train)
     cache_opts = ["cache.views=2", "cache.batch_size=128", "cache.verify_samples=16"]
-    proc = slurm_cluster.run(
-        "bash",
-        str(SUBMIT),
+    proc = _submit(
         "--config",
         QUICK,
         "--stages",
@@ -226,9 +214,7 @@ def test_cache_array_then_verify_via_submit_chain(
         "--",
         *tiny,
         *cache_opts,
-        env_extra=JOB_ENV,
-        cwd=ROOT,
-        timeout=60,
+        cluster=slurm_cluster,
     )
     jobs = dict(line.split()[:2] for line in proc.stdout.splitlines())
     assert set(jobs) == {"cache", "verify-cache"}, proc.stdout
@@ -246,5 +232,54 @@ def test_cache_array_then_verify_via_submit_chain(
     logs = "\n".join(_out(p) for p in sorted(tmp_path.glob("*.out")))
     assert "shard 0 of 2" in logs and "shard 1 of 2" in logs, logs[-3000:]
     assert "verify-cache: OK" in logs, logs[-3000:]
-    report = json.loads((out_dir / "cache" / "verify" / "metrics.json").read_text())
-    assert report["rows"] == 1438 * 2
+    report = json.loads((out_dir / "verify-cache" / "metrics.json").read_text())
+    assert report["rows"] == 1294 * 2
+
+
+def test_whole_chain_on_two_nodes_reports_like_the_pipeline(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """`slurm/submit.sh` with no --stages: every node of the graph as a job on the two-node
+    cluster, in dependency order; the report has the pipeline's fields, and slimming starts
+    from the KD student (the bug this replaced: it pruned the teacher)."""
+    out_dir = tmp_path / "chain"
+    proc = _submit(
+        "--config",
+        QUICK,
+        "--nodes",
+        "2",
+        "--time",
+        "10",
+        "--cache-shards",
+        "2",
+        "--sbatch",
+        f"--output={tmp_path}/%x-%j.out",
+        "--",
+        f"run.out_dir={out_dir}",
+        *TINY,
+        cluster=slurm_cluster,
+    )
+    jobs = dict(line.split()[:2] for line in proc.stdout.splitlines())
+    assert "report" in jobs and "sparsity" in jobs and "distill-ce:seed1" in jobs, proc.stdout
+    records = slurm_cluster.wait(jobs["report"], timeout=900)
+    logs = "\n".join(_out(p) for p in sorted(tmp_path.glob("*.out")))
+    _done(records) if records else pytest.fail(logs[-4000:])
+    chain = json.loads((out_dir / "report" / "report.json").read_text())
+    local = tmp_path / "local"
+    run_cli("pipeline", "--config", QUICK, f"run.out_dir={local}", *TINY, timeout=900)
+    pipe = json.loads((local / "report" / "report.json").read_text())
+
+    def keys(d, prefix=""):
+        if not isinstance(d, dict):
+            return set()
+        return {prefix + k for k in d} | {
+            x for k, v in d.items() for x in keys(v, f"{prefix}{k}.") if k != "per_layer"
+        }
+
+    assert keys(chain) == keys(pipe)
+    assert chain["slim"]["model"] == "distill:seed0"
+    sparsity_in = json.loads((out_dir / "sparsity" / "key.json").read_text())["inputs"]["model"]
+    distill_key = json.loads((out_dir / "distill" / "seed0" / "key.json").read_text())["key"]
+    assert sparsity_in == distill_key
+    assert chain["student_kd"]["n"] == 2 and len(chain["teachers"]) == 2
+    assert chain["export"]["ok"]

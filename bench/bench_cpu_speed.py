@@ -1,0 +1,104 @@
+"""What makes training fit on a small CPU: memory format, autocast precision and the data path.
+
+    python bench/bench_cpu_speed.py --data-root ../shared/data/cifar10 [--model cifar_airnet]
+
+In one process, back to back and alternating over rounds (this machine is shared and noisy):
+- training steps/s of one model at one batch: float32 NCHW, float32 channels_last
+  (`run.channels_last`), bf16 autocast (`run.mixed_precision=bf16`; fast only on CPUs with
+  AVX-512 bf16 or AMX, emulated elsewhere), each as a ratio to float32 NCHW;
+- training-view images/s of the data path: a PNG decode per read against the decoded-once
+  memory-mapped file (`data.decode_once`), both through the replayable view recipe.
+Peak resident memory is reported beside the rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common.config import DataConfig
+from common.data import build_splits
+from common.models import build_model
+
+
+def step_rate(model, x, y, steps: int, cl: bool, bf16: bool) -> float:
+    """Training steps per second (SGD) after two warm-up steps."""
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    x = x.contiguous(memory_format=fmt)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for i in range(steps + 2):
+        if i == 2:
+            t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return steps / (time.perf_counter() - t0)
+
+
+def view_rate(dataset, n: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(n):
+        dataset[(i, 1)]
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--model", default="cifar_airnet")
+    p.add_argument("--kwargs", default='{"channels": [32, 128, 128], "stem": 16}')
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--images", type=int, default=3000)
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    modes = {"float32": (False, False), "channels_last": (True, False), "bf16": (False, True)}
+    x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
+    rates: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(args.rounds):
+        for mode, (cl, bf16) in modes.items():
+            model = build_model(args.model, 10, **json.loads(args.kwargs))
+            rates[mode].append(step_rate(model, x, y, args.steps, cl, bf16))
+    steps = {m: statistics.median(v) for m, v in rates.items()}
+
+    paths = {}
+    for once in (False, True):
+        cfg = DataConfig(name="cifar10", root=args.data_root, decode_once=once)
+        paths["decode_once" if once else "decode_per_read"] = build_splits(cfg, 0).train
+    views: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(args.rounds):
+        for k, ds in paths.items():
+            views[k].append(view_rate(ds, args.images))
+    view_s = {k: statistics.median(v) for k, v in views.items()}
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(
+        json.dumps(
+            {
+                "args": vars(args),
+                "cpu_capability": capability,
+                "train_steps_per_s": steps,
+                "train_steps_per_s_each_round": rates,
+                "over_float32": {m: v / steps["float32"] for m, v in steps.items()},
+                "train_images_per_s": {m: v * args.batch for m, v in steps.items()},
+                "view_images_per_s": view_s,
+                "decode_once_over_per_read": view_s["decode_once"] / view_s["decode_per_read"],
+                "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

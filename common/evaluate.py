@@ -1,0 +1,69 @@
+"""Accuracy and loss of a model on an evaluation split, summed over processes.
+
+One function, used by the training loop after each epoch and by the prune stage before and
+after removing channels, so every accuracy kdslim reports is computed the same way: plain
+views, each process on its own share of the split (rank::world, no padding, no sample counted
+twice), float64 sums all-reduced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from common.data import ViewDataset, eval_batches, make_loader
+from common.precision import at_least_float32, cast_floating
+
+ExtraTerms = Callable[[torch.Tensor, dict], dict[str, torch.Tensor]]
+"""(logits, batch) -> extra per-split sums (e.g. agreement with the teachers)."""
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: ViewDataset,
+    accelerator: Accelerator,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    extra: ExtraTerms | None = None,
+) -> dict[str, float]:
+    """{"acc", "loss", <extra terms>, "num_samples"} over the whole `dataset`."""
+    was_training = model.training
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    sums: dict[str, torch.Tensor] = {}
+    batches = eval_batches(
+        len(dataset), batch_size, accelerator.process_index, accelerator.num_processes
+    )
+    for batch in make_loader(dataset, batches, num_workers):
+        batch = cast_floating(batch, dtype, accelerator.device)
+        images = batch["image"].contiguous(memory_format=memory_format)
+        with autocast():
+            logits = at_least_float32(model(images))
+        terms = {
+            "correct": (logits.argmax(1) == batch["label"]).sum(),
+            "loss": F.cross_entropy(logits, batch["label"], reduction="sum"),
+            "count": torch.tensor(len(logits), device=logits.device),
+            **(extra(logits, batch) if extra else {}),
+        }
+        for k, v in terms.items():  # float64 sums: counts stay exact at any size
+            sums[k] = sums.get(k, 0) + v.detach().double()
+    model.train(was_training)
+    keys = sorted(sums) if sums else ["correct", "count", "loss"]
+    vec = torch.stack(
+        [torch.as_tensor(sums.get(k, 0.0), device=accelerator.device).double() for k in keys]
+    )
+    total = dict(zip(keys, accelerator.reduce(vec, reduction="sum").tolist()))
+    count = max(total.pop("count"), 1.0)
+    out = {"acc": total.pop("correct") / count, "loss": total.pop("loss") / count}
+    out.update({k: v / count for k, v in total.items()})
+    out["num_samples"] = int(count)
+    return out

@@ -1,0 +1,96 @@
+"""The teacher side of every distilling stage, set up one way for `distill`, `sparsity` and
+`finetune`: soft targets from the cache (replaying exactly the views the teachers scored), or
+teachers run live and frozen; plus their logits on the test split, for agreement metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from common.config import KDConfig
+from common.data import Splits, build_splits
+from common.distributed import place_frozen
+from common.precision import DTYPES
+from common.runtime import StageContext
+from common.trainer import CrossEntropyTask
+from distill.cache import LogitCache
+from distill.cache.setup import cached_splits, request, teacher_configs
+from distill.config import TeacherConfig
+from distill.task import (
+    CachedTargetDataset,
+    CachedTeacher,
+    KDTask,
+    OnlineTeacher,
+    replay_cached_views,
+    teacher_test_logits,
+)
+from distill.teachers import Ensemble, build_ensemble
+
+
+def live_ensemble(cfg, teachers: list[TeacherConfig], ctx: StageContext, num_classes: int, mode):
+    """The ensemble on this process's device in the run's precision (sharded under ZeRO-3)."""
+    ensemble = build_ensemble(teachers, num_classes, mode).to(DTYPES[cfg.run.dtype])
+    return place_frozen(ensemble, ctx.accelerator, ctx.logger.info)
+
+
+def test_logits(cfg, ensemble: Ensemble, splits: Splits, ctx: StageContext):
+    acc = ctx.accelerator
+    return teacher_test_logits(
+        ensemble,
+        splits.test,
+        acc.process_index,
+        acc.num_processes,
+        acc.device,
+        dtype=DTYPES[cfg.run.dtype],
+    )
+
+
+def cached_kd(
+    cfg,
+    kd: KDConfig,
+    splits: Splits,
+    ctx: StageContext,
+    *,
+    cache_dir: Path,
+    trained: list[Path],
+    seed: int,
+    with_test_logits: bool,
+) -> tuple[KDTask, Splits, object]:
+    """(task, splits with cached targets, view chooser) for a student distilled from the cache
+    in `cache_dir`, which must be the cache this configuration asks for."""
+    teachers = teacher_configs(cfg, trained)
+    cache = LogitCache(cache_dir, request(cfg, teachers))
+    logits = None
+    if with_test_logits:
+        ensemble = live_ensemble(cfg, teachers, ctx, splits.num_classes, cfg.cache.ensemble)
+        logits = test_logits(cfg, ensemble, splits, ctx)
+    splits = dataclasses.replace(splits, train=CachedTargetDataset(splits.train, cache))
+    task = KDTask(CachedTeacher(splits.num_classes), kd.temperature, kd.alpha, logits)
+    return task, splits, replay_cached_views(cfg.cache.views, seed)
+
+
+def labels_or_cached_kd(cfg, section, loop, inputs, ctx) -> tuple[object, Splits, object]:
+    """(task, splits, view chooser) of a stage that trains on labels, or with
+    `section.kd_from: cache` on the cached soft targets (replaying the teachers' views)."""
+    if section.kd_from != "cache":
+        return CrossEntropyTask(loop.label_smoothing), build_splits(cfg.data, cfg.run.seed), None
+    return cached_kd(
+        cfg,
+        section.kd,
+        cached_splits(cfg),
+        ctx,
+        cache_dir=inputs["cache"],
+        trained=inputs["teachers"],
+        seed=cfg.run.seed,
+        with_test_logits=False,
+    )
+
+
+def live_kd(
+    cfg, kd: KDConfig, splits: Splits, ctx: StageContext, teachers: list[TeacherConfig], mode
+) -> KDTask:
+    """A task whose soft targets come from `teachers` run on each batch, frozen."""
+    ensemble = live_ensemble(cfg, teachers, ctx, splits.num_classes, mode)
+    return KDTask(
+        OnlineTeacher(ensemble), kd.temperature, kd.alpha, test_logits(cfg, ensemble, splits, ctx)
+    )

@@ -1,0 +1,89 @@
+"""The stage graph as data: what the command line, the pipeline and the plan are derived from,
+and the keys that decide freshness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.config import ConfigError, load_config
+from launch import freshness, graph
+from launch.config import Config
+from launch.graph import Node
+from tests.conftest import ROOT, run_cli
+
+
+def cfg(*overrides: str):
+    return load_config(Config, ROOT / "configs/quickstart.yaml", list(overrides))
+
+
+def test_help_lists_the_graph_stages_and_only_them():
+    out = run_cli("--help").stdout
+    for stage in graph.STAGES:
+        assert f"  {stage.name} " in out and stage.help[:30] in out
+    assert "pipeline" in out and "plan" in out and "models" in out
+    bad = run_cli("distil", "--config", "configs/quickstart.yaml", check=False)
+    assert bad.returncode == 2 and "unknown stage `distil`" in bad.stderr
+
+
+def test_members_and_seeds_are_instances():
+    c = cfg("train.members=[{seed: 3}, {seed: 4, name: big, model: {name: cifar_vgg11}}]")
+    assert graph.BY_NAME["train"].instances(c) == ["cifar_resnet20-s3", "big"]
+    assert [m.model.name for m in graph.members(c)] == ["cifar_resnet20", "cifar_vgg11"]
+    assert graph.BY_NAME["distill"].instances(cfg("distill.seeds=[2, 5]")) == ["seed2", "seed5"]
+    assert graph.BY_NAME["distill"].instances(cfg("run.seed=7")) == ["seed7"]
+    with pytest.raises(ConfigError, match="names must differ"):
+        cfg("train.members=[{seed: 1}, {seed: 1}]")
+    with pytest.raises(ConfigError, match="no instance `seed9`"):
+        graph.check_node(cfg(), "distill:seed9")
+
+
+def test_slimming_starts_from_what_the_run_has():
+    assert graph.inputs(cfg(), Node("sparsity"))["model"] == Node("distill", "seed0")
+    teacher_only = cfg("pipeline.stages=[train, sparsity, prune]")
+    assert graph.inputs(teacher_only, Node("sparsity"))["model"] == Node(
+        "train", "cifar_resnet20-s0"
+    )
+    given = cfg("sparsity.init=/models/x")
+    assert graph.inputs(given, Node("sparsity"))["model"] == Path("/models/x")
+    with pytest.raises(ConfigError, match="sparsity.init"):
+        graph.inputs(cfg("pipeline.stages=[sparsity, prune]"), Node("sparsity"))
+    # external teachers: no `train` in the run, the cache reads the files
+    ext = cfg("cache.teachers=[{path: /t/a}, {path: /t/b}]")
+    assert "train" not in graph.in_run(ext)
+    assert graph.inputs(ext, Node("cache"))["teachers"] == [Path("/t/a"), Path("/t/b")]
+
+
+def test_keys_read_what_decides_the_output_and_nothing_else():
+    def values(c, node):
+        return freshness.values(c, node)
+
+    base = values(cfg(), Node("train", "cifar_resnet20-s0"))
+    for runtime_only in (
+        "run.out_dir=elsewhere",
+        "data.num_workers=3",
+        "train.loop.log_every=2",
+        "train.loop.checkpoint_every_steps=5",
+        "train.loop.resume=false",
+        "cache.views=9",  # another stage's section
+    ):
+        assert values(cfg(runtime_only), Node("train", "cifar_resnet20-s0")) == base, runtime_only
+    assert values(cfg("train.loop.optim.lr=0.3"), Node("train", "cifar_resnet20-s0")) != base
+    # a member's own seed is its own: the other member's values do not move
+    two = "train.members=[{seed: 0}, {seed: 1}]"
+    other = "train.members=[{seed: 0}, {seed: 2}]"
+    assert values(cfg(two), Node("train", "cifar_resnet20-s0")) == values(
+        cfg(other), Node("train", "cifar_resnet20-s0")
+    )
+    # the CE students read the views they replay, not the cache's storage
+    ce = values(cfg(), Node("distill-ce", "seed0"))
+    assert values(cfg("cache.plain_first=true"), Node("distill-ce", "seed0")) != ce
+    assert values(cfg("cache.storage=topk"), Node("distill-ce", "seed0")) == ce
+
+
+def test_plan_names_only_run_stages():
+    bad = run_cli(
+        "plan", "--config", "configs/quickstart.yaml", "--stages", "prune,distil", check=False
+    )
+    assert bad.returncode == 2 and "not stages of this run" in bad.stderr
