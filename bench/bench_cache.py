@@ -25,7 +25,7 @@ from common.data.sources import ImageSource, Stats
 from common.data.views import ViewRecipe
 from common.logging import NullLogger
 from common.models import build_model
-from distill.cache.layout import ShardPlan, cache_identity
+from distill.cache.layout import cache_identity
 from distill.cache.reader import LogitCache
 from distill.cache.writer import ShardWriter, build_spec, claim_spec, try_write_manifest
 from distill.teachers import Ensemble
@@ -50,23 +50,12 @@ def write_cache(
     cfg.cache.batch_size = batch
     spec = build_spec(cache_identity(cfg, dataset, ensemble.identities), cfg, num_shards=1)
     claim_spec(root, spec)
-    plan = ShardPlan(len(dataset) * views, batch, 1)
-    writer = ShardWriter(
-        root=root,
-        spec=spec,
-        dataset=dataset,
-        ensemble=ensemble,
-        plan=plan,
-        views=views,
-        device=torch.device("cpu"),
-        autocast=torch.no_grad,
-        num_workers=workers,
-        rows_per_part=cfg.cache.rows_per_part,
-        logger=NullLogger(),
-    )
+    cfg.data.num_workers = workers
+    cpu = {"device": torch.device("cpu"), "autocast": torch.no_grad, "logger": NullLogger()}
+    writer = ShardWriter.for_config(cfg, root, spec, dataset, ensemble, 1, **cpu)
     t0 = time.perf_counter()
     writer.write(0)
-    try_write_manifest(root, plan)
+    try_write_manifest(root, writer.plan)
     return time.perf_counter() - t0
 
 

@@ -35,7 +35,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cache-parallel", type=int, default=4, help="array tasks at once (4)")
     p.add_argument("--accelerate-config", help="accelerate config for training jobs")
     p.add_argument("--venv", help="virtualenv on the compute nodes (default .venv)")
-    p.add_argument("--sbatch", default="", help='extra sbatch arguments, e.g. "--account=x"')
+    p.add_argument(
+        "--sbatch",
+        default="",
+        help='extra sbatch arguments, written with "=": --sbatch="--account=x --qos=y"',
+    )
     p.add_argument("--dry-run", action="store_true", help="print the sbatch commands only")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides (after --)")
     return p.parse_args(argv)

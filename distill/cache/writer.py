@@ -86,6 +86,26 @@ class ShardWriter:
         self.logit_dtype = np.dtype(self.storage["logit_dtype"])
         self.dtype = next(ensemble.parameters()).dtype
 
+    @classmethod
+    def for_config(
+        cls, cfg, root, spec, dataset, ensemble, num_shards, *, device, autocast, logger
+    ) -> ShardWriter:
+        """The writer of `cfg.cache`'s request: rows = samples x views, cut into `num_shards`."""
+        plan = ShardPlan(len(dataset) * cfg.cache.views, cfg.cache.batch_size, num_shards)
+        return cls(
+            root=root,
+            spec=spec,
+            dataset=dataset,
+            ensemble=ensemble,
+            plan=plan,
+            views=cfg.cache.views,
+            device=device,
+            autocast=autocast,
+            num_workers=cfg.data.num_workers,
+            rows_per_part=cfg.cache.rows_per_part,
+            logger=logger,
+        )
+
     # -- one shard ------------------------------------------------------------------------------
 
     def write(self, index: int) -> dict:

@@ -12,7 +12,6 @@ from common.logging import write_json
 from common.precision import DTYPES
 from distill.cache.layout import (
     MANIFEST_FILE,
-    ShardPlan,
     describe_mismatch,
     identity_of,
     mismatch,
@@ -62,25 +61,22 @@ def run(cfg, inputs, ctx) -> dict:
     ctx.barrier()
     if not ctx.is_main:
         claim_spec(root, spec)
-    plan = ShardPlan(len(dataset) * cfg.cache.views, cfg.cache.batch_size, num_shards)
-    writer = ShardWriter(
-        root=root,
-        spec=spec,
-        dataset=dataset,
-        ensemble=ensemble,
-        plan=plan,
-        views=cfg.cache.views,
+    writer = ShardWriter.for_config(
+        cfg,
+        root,
+        spec,
+        dataset,
+        ensemble,
+        num_shards,
         device=acc.device,
         autocast=acc.autocast,
-        num_workers=cfg.data.num_workers,
-        rows_per_part=cfg.cache.rows_per_part,
         logger=ctx.logger,
     )
     for index in mine:
         writer.write(index)
     written = writer.rows_written
     ctx.barrier()
-    manifest = try_write_manifest(root, plan) if ctx.is_main else None
+    manifest = try_write_manifest(root, writer.plan) if ctx.is_main else None
     if manifest is None:
         if ctx.is_main:
             ctx.logger.info(
