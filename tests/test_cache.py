@@ -56,7 +56,7 @@ def cache_args(out: Path, teachers: list[str], *extra: str) -> list[str]:
     tlist = "[" + ",".join(f"{{path: {p}}}" for p in teachers) + "]"
     return [
         "--config",
-        str(ROOT / "configs/quickstart.yaml"),
+        str(ROOT / "tests/configs/base.yaml"),
         f"run.out_dir={out}",
         *DATA,
         f"cache.teachers={tlist}",
@@ -202,7 +202,7 @@ def test_mismatched_caches_are_refused(tmp_path, teachers, reference):
 
     def expectation(*overrides):
         cfg = load_config(
-            Config, ROOT / "configs/quickstart.yaml", cache_args(tmp_path, teachers, *overrides)[2:]
+            Config, ROOT / "tests/configs/base.yaml", cache_args(tmp_path, teachers, *overrides)[2:]
         )
         return request(cfg, teacher_configs(cfg, []))
 

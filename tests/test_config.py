@@ -20,11 +20,21 @@ def write(tmp_path, text: str):
     return p
 
 
-def test_quickstart_config_loads_and_round_trips(tmp_path):
-    cfg = load_config(Config, ROOT / "configs/quickstart.yaml")
-    assert cfg.data.name == "digits" and cfg.train.loop.batch_size == 64
+SHIPPED = [ROOT / "configs/quickstart.yaml", *sorted((ROOT / "configs/cifar10").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_load_and_round_trip(path, tmp_path):
+    cfg = load_config(Config, path)
     again = load_config(Config, write(tmp_path, __import__("yaml").safe_dump(to_dict(cfg))))
     assert again == cfg
+
+
+def test_quickstart_is_an_ensemble_with_seeds():
+    """What the quickstart exists to show needs >= 3 members and >= 3 seeds (issue 13)."""
+    cfg = load_config(Config, ROOT / "configs/quickstart.yaml")
+    assert cfg.data.name == "digits" and len(cfg.train.members) >= 3
+    assert len(cfg.distill.seeds) >= 3 and cfg.prune.target == "macs"
 
 
 def test_unknown_key_names_key_file_and_suggestion(tmp_path):

@@ -43,7 +43,7 @@ ACC = ROOT / "configs" / "accelerate"
 ARGS = [
     "train",
     "--config",
-    str(ROOT / "configs/quickstart.yaml"),
+    str(ROOT / "tests/configs/base.yaml"),
     *SMALL,
     "train.loop.epochs=1",
     "train.loop.checkpoint_every_steps=2",
@@ -325,8 +325,8 @@ def _online(tmp_path: Path, teachers: list[str], *extra: str) -> list[str]:  # n
 
 @pytest.fixture(scope="module")
 def student_inits(tmp_path_factory) -> tuple[str, str]:
-    """The quickstart student's initial weights, as built and moved by one float32 rounding."""
-    cfg = load_config(Config, ROOT / "configs/quickstart.yaml").distill.student
+    """The base config's student's initial weights, as built and moved by one float32 rounding."""
+    cfg = load_config(Config, ROOT / "tests/configs/base.yaml").distill.student
     d = tmp_path_factory.mktemp("student")
     torch.manual_seed(0)
     model = build_model(cfg.name, 10, **cfg.kwargs)
@@ -411,7 +411,7 @@ def test_sparsity_trains_under_zero2_with_the_penalty_in_the_loss(tmp_path, teac
     args = [
         "sparsity",
         "--config",
-        str(ROOT / "configs/quickstart.yaml"),
+        str(ROOT / "tests/configs/base.yaml"),
         *DATA,
         *F64,
         f"sparsity.init={teachers[0]}",

@@ -188,7 +188,7 @@ def test_ce_baseline_needs_no_teachers(tmp_path):
     proc = run_cli(
         "distill-ce",
         "--config",
-        "configs/quickstart.yaml",
+        "tests/configs/base.yaml",
         f"run.out_dir={tmp_path}",
         "data.train_subset=150",
         "data.image_size=8",

@@ -95,7 +95,7 @@ def test_no_valid_checkpoint_means_fresh_start(tmp_path):
 TINY = [
     "train",
     "--config",
-    str(ROOT / "configs/quickstart.yaml"),
+    str(ROOT / "tests/configs/base.yaml"),
     *SMALL,
     "train.loop.epochs=1",
     "train.loop.checkpoint_every_steps=2",
@@ -210,7 +210,7 @@ def _one_line_error(proc, code: int, *needles: str) -> None:
 
 @pytest.mark.slow
 def test_bad_inputs_fail_with_one_line_and_leave_no_output(tmp_path):
-    quick = ["--config", str(ROOT / "configs/quickstart.yaml"), *SMALL]
+    quick = ["--config", str(ROOT / "tests/configs/base.yaml"), *SMALL]
     out = tmp_path / "run"
     # a value outside its range: named with its key and range, before anything starts
     proc = run_cli("distill", *quick, f"run.out_dir={out}", "distill.kd.alpha=3", check=False)

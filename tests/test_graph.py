@@ -29,8 +29,8 @@ def test_help_lists_the_graph_stages_and_only_them():
 
 def test_members_and_seeds_are_instances():
     c = cfg("train.members=[{seed: 3}, {seed: 4, name: big, model: {name: cifar_vgg11}}]")
-    assert graph.BY_NAME["train"].instances(c) == ["cifar_resnet20-s3", "big"]
-    assert [m.model.name for m in graph.members(c)] == ["cifar_resnet20", "cifar_vgg11"]
+    assert graph.BY_NAME["train"].instances(c) == ["cifar_airnet-s3", "big"]
+    assert [m.model.name for m in graph.members(c)] == ["cifar_airnet", "cifar_vgg11"]
     assert graph.BY_NAME["distill"].instances(cfg("distill.seeds=[2, 5]")) == ["seed2", "seed5"]
     assert graph.BY_NAME["distill"].instances(cfg("run.seed=7")) == ["seed7"]
     with pytest.raises(ConfigError, match="names must differ"):
@@ -42,9 +42,7 @@ def test_members_and_seeds_are_instances():
 def test_slimming_starts_from_what_the_run_has():
     assert graph.inputs(cfg(), Node("sparsity"))["model"] == Node("distill", "seed0")
     teacher_only = cfg("pipeline.stages=[train, sparsity, prune]")
-    assert graph.inputs(teacher_only, Node("sparsity"))["model"] == Node(
-        "train", "cifar_resnet20-s0"
-    )
+    assert graph.inputs(teacher_only, Node("sparsity"))["model"] == Node("train", "cifar_airnet-s0")
     given = cfg("sparsity.init=/models/x")
     assert graph.inputs(given, Node("sparsity"))["model"] == Path("/models/x")
     with pytest.raises(ConfigError, match="sparsity.init"):
@@ -59,7 +57,7 @@ def test_keys_read_what_decides_the_output_and_nothing_else():
     def values(c, node):
         return freshness.values(c, node)
 
-    base = values(cfg(), Node("train", "cifar_resnet20-s0"))
+    base = values(cfg(), Node("train", "cifar_airnet-s0"))
     for runtime_only in (
         "run.out_dir=elsewhere",
         "data.num_workers=3",
@@ -68,13 +66,13 @@ def test_keys_read_what_decides_the_output_and_nothing_else():
         "train.loop.resume=false",
         "cache.views=9",  # another stage's section
     ):
-        assert values(cfg(runtime_only), Node("train", "cifar_resnet20-s0")) == base, runtime_only
-    assert values(cfg("train.loop.optim.lr=0.3"), Node("train", "cifar_resnet20-s0")) != base
+        assert values(cfg(runtime_only), Node("train", "cifar_airnet-s0")) == base, runtime_only
+    assert values(cfg("train.loop.optim.lr=0.3"), Node("train", "cifar_airnet-s0")) != base
     # a member's own seed is its own: the other member's values do not move
     two = "train.members=[{seed: 0}, {seed: 1}]"
     other = "train.members=[{seed: 0}, {seed: 2}]"
-    assert values(cfg(two), Node("train", "cifar_resnet20-s0")) == values(
-        cfg(other), Node("train", "cifar_resnet20-s0")
+    assert values(cfg(two), Node("train", "cifar_airnet-s0")) == values(
+        cfg(other), Node("train", "cifar_airnet-s0")
     )
     # the CE students read the views they replay, not the cache's storage
     ce = values(cfg(), Node("distill-ce", "seed0"))

@@ -56,7 +56,7 @@ def pipeline(out: Path, *extra: str, processes: int = 1):
     return run_cli(
         "pipeline",
         "--config",
-        str(ROOT / "configs/quickstart.yaml"),
+        str(ROOT / "tests/configs/base.yaml"),
         f"run.out_dir={out}",
         *TINY,
         *extra,
@@ -79,7 +79,7 @@ def test_first_run_runs_every_node_of_the_graph_and_prints_the_verdict(run_dir):
     out, stdout = run_dir
     assert ran(stdout) == EVERY
     assert [
-        n.name for n in graph.nodes(load_config(Config, ROOT / "configs/quickstart.yaml", TINY))
+        n.name for n in graph.nodes(load_config(Config, ROOT / "tests/configs/base.yaml", TINY))
     ] == EVERY
     assert f"report: {(out / 'report' / 'report.json').resolve()}" in stdout
     assert "pruned + fine-tuned" in stdout and "student KD (cached)" in stdout
@@ -93,7 +93,7 @@ def test_first_run_runs_every_node_of_the_graph_and_prints_the_verdict(run_dir):
 
 def _cfg(out: Path, *extra: str):
     return load_config(
-        Config, ROOT / "configs/quickstart.yaml", [f"run.out_dir={out}", *TINY, *extra]
+        Config, ROOT / "tests/configs/base.yaml", [f"run.out_dir={out}", *TINY, *extra]
     )
 
 
@@ -229,7 +229,7 @@ def test_two_runs_share_one_cache_and_nothing_is_moved(run_dir, tmp_path):
 
 
 def test_plan_lists_every_node_with_its_dependencies():
-    proc = run_cli("plan", "--config", str(ROOT / "configs/quickstart.yaml"), *TINY)
+    proc = run_cli("plan", "--config", str(ROOT / "tests/configs/base.yaml"), *TINY)
     jobs = {j["name"]: j for j in json.loads(proc.stdout)["jobs"]}
     assert list(jobs) == EVERY
     assert jobs["cache"]["after"] == MEMBERS and jobs["cache"]["resources"] == "array"

@@ -180,7 +180,7 @@ def test_macs_counter():
 
 SMALL = [
     "--config",
-    str(ROOT / "configs/quickstart.yaml"),
+    str(ROOT / "tests/configs/base.yaml"),
     "data.image_size=8",
     "data.pad=1",
     "data.test_subset=64",

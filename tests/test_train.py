@@ -36,7 +36,7 @@ def test_two_process_ddp_equals_one_process(tmp_path, accum):
     args = [
         "train",
         "--config",
-        str(ROOT / "configs/quickstart.yaml"),
+        str(ROOT / "tests/configs/base.yaml"),
         *SMALL,
         *F64,
         "train.loop.epochs=1",
@@ -78,7 +78,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     args = [
         "train",
         "--config",
-        str(ROOT / "configs/quickstart.yaml"),
+        str(ROOT / "tests/configs/base.yaml"),
         *SMALL,
         "train.loop.epochs=2",
         "train.loop.checkpoint_every_steps=3",
@@ -117,7 +117,7 @@ def test_cli_train_on_digits_learns_and_saves_a_rebuildable_model(tmp_path):
     proc = run_cli(
         "train",
         "--config",
-        str(ROOT / "configs/quickstart.yaml"),
+        str(ROOT / "tests/configs/base.yaml"),
         f"run.out_dir={tmp_path}",
         "train.loop.epochs=3",
         "logging.progress=false",
@@ -154,7 +154,7 @@ def test_resume_under_a_changed_config_is_refused(tmp_path):
     args = [
         "train",
         "--config",
-        str(ROOT / "configs/quickstart.yaml"),
+        str(ROOT / "tests/configs/base.yaml"),
         *SMALL,
         f"run.out_dir={tmp_path}",
         "train.loop.epochs=1",
@@ -182,7 +182,7 @@ def test_diverging_run_fails_and_saves_nothing(tmp_path):
     proc = run_cli(
         "train",
         "--config",
-        str(ROOT / "configs/quickstart.yaml"),
+        str(ROOT / "tests/configs/base.yaml"),
         *SMALL,
         f"run.out_dir={tmp_path}",
         "train.loop.epochs=1",

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 STAGE = ROOT / "slurm" / "stage.sbatch"
 SUBMIT = ROOT / "slurm" / "submit.sh"
 VENV = str(Path(sys.executable).parent.parent)
-QUICK = str(ROOT / "configs/quickstart.yaml")
+QUICK = str(ROOT / "tests/configs/base.yaml")
 # What a site exports into its jobs; sbatch passes the submitting environment on.
 JOB_ENV = {
     "KDSLIM_VENV": VENV,
