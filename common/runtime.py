@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from common.checkpoint import CheckpointManager
 from common.config import to_dict
 from common.distributed import build_accelerator, seed_everything
-from common.logging import NullLogger, RunLogger
+from common.logging import NullLogger, RunLogger, write_json
 
 
 @dataclass
@@ -39,6 +39,13 @@ class StageContext:
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
+
+    def publish(self, metrics: dict, summary: str) -> dict:
+        """The stage's result: `metrics.json` (rank 0 alone writes) and its one-line summary."""
+        if self.is_main:
+            write_json(self.stage_dir / "metrics.json", metrics)
+        self.logger.info(summary)
+        return metrics
 
 
 class Runtime:

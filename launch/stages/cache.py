@@ -8,7 +8,6 @@ request is refused with the differences, never moved or rebuilt in place.
 
 from __future__ import annotations
 
-from common.logging import write_json
 from common.precision import DTYPES
 from distill.cache.layout import (
     MANIFEST_FILE,
@@ -97,11 +96,9 @@ def _finish(ctx, manifest: dict, root, rows_written: int) -> dict:
         "teachers": [{"acc": t["acc_on_cached_views"]} for t in manifest["teachers"]],
         "ensemble_acc": manifest["ensemble_acc_on_cached_views"],
     }
-    if ctx.is_main:
-        write_json(ctx.stage_dir / "metrics.json", metrics)
-    ctx.logger.info(
+    return ctx.publish(
+        metrics,
         f"cache: complete in {root} ({manifest['num_rows']} rows, "
         f"{manifest['bytes'] / 1e6:.1f} MB, {rows_written} written now); ensemble accuracy on "
-        f"the cached views {metrics['ensemble_acc']:.4f}"
+        f"the cached views {metrics['ensemble_acc']:.4f}",
     )
-    return metrics

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from common.logging import write_json
 from common.precision import DTYPES
 from distill.cache import LogitCache
 from distill.cache.setup import cached_splits, request, teacher_configs
@@ -28,11 +27,9 @@ def run(cfg, inputs, ctx) -> dict:
             ctx.accelerator.device,
         )
     )
-    if ctx.is_main:
-        write_json(ctx.stage_dir / "metrics.json", report)
-        ctx.logger.info(
-            f"verify-cache: OK: {report['rows']} rows complete, checksums match, "
-            f"{report['rows_checked']} re-scored rows agree (top-1 "
-            f"{report['top1_agreement']:.2%}, max |diff| {report['max_abs_diff']:.2g})"
-        )
-    return report
+    return ctx.publish(
+        report,
+        f"verify-cache: OK: {report['rows']} rows complete, checksums match, "
+        f"{report['rows_checked']} re-scored rows agree (top-1 "
+        f"{report['top1_agreement']:.2%}, max |diff| {report['max_abs_diff']:.2g})",
+    )
