@@ -32,7 +32,7 @@ def test_members_and_seeds_are_instances():
     assert graph.BY_NAME["train"].instances(c) == ["cifar_airnet-s3", "big"]
     assert [m.model.name for m in graph.members(c)] == ["cifar_airnet", "cifar_vgg11"]
     assert graph.BY_NAME["distill"].instances(cfg("distill.seeds=[2, 5]")) == ["seed2", "seed5"]
-    assert graph.BY_NAME["distill"].instances(cfg("run.seed=7")) == ["seed7"]
+    assert graph.BY_NAME["distill"].instances(cfg("run.seed=7", "distill.seeds=null")) == ["seed7"]
     with pytest.raises(ConfigError, match="names must differ"):
         cfg("train.members=[{seed: 1}, {seed: 1}]")
     with pytest.raises(ConfigError, match="no instance `seed9`"):
