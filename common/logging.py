@@ -34,6 +34,15 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text_atomic(p, json.dumps(data, indent=1, default=str))
 
 
+def read_json_if_any(path: str | Path) -> Any:
+    """A JSON file's content, or None when it is missing or unreadable (a stage that has not
+    run, or was killed before its atomic write)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 class NullLogger:
     """What ranks other than 0 get."""
 

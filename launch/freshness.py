@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common.checkpoint import MODEL_FILE, SPEC_FILE, file_sha256
 from common.config import identity_changes, to_dict
-from common.logging import write_json
+from common.logging import read_json_if_any, write_json
 from launch import graph
 from launch.graph import Node
 
@@ -70,11 +70,7 @@ def content_key(path: Path) -> str:
 
 
 def stored(cfg, node: Node) -> dict | None:
-    path = graph.directory(cfg, node) / KEY_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json_if_any(graph.directory(cfg, node) / KEY_FILE)
 
 
 def input_keys(cfg, node: Node) -> dict[str, str | list[str] | None]:

@@ -230,11 +230,17 @@ def _report_inputs(cfg, _i: str) -> dict[str, Input | list[Input]]:
     }
 
 
+def _cache_teachers(cfg):
+    """The teacher configs the cache is made from (this run's members' model directories, or
+    `cache.teachers`): what names its request and, under `cache.dir: auto`, its directory."""
+    trained = [artifact(cfg, t) for t in _teachers(cfg) if isinstance(t, Node)]
+    return teacher_configs(cfg, trained)
+
+
 def _cache_in_place(cfg) -> bool:
     """A complete cache equal to this configuration's request is in `cache_root`."""
     try:
-        trained = [artifact(cfg, t) for t in _teachers(cfg) if isinstance(t, Node)]
-        teachers = teacher_configs(cfg, trained)
+        teachers = _cache_teachers(cfg)
         manifest = cache_root(cfg, teachers) / MANIFEST_FILE
         found = json.loads(manifest.read_text())
         return identity_of(found) == request(cfg, teachers)
@@ -370,8 +376,7 @@ def directory(cfg, node: Node) -> Path:
 def artifact(cfg, node: Node) -> Path:
     """The path another node reads from `node`: its model directory, or the cache itself."""
     if node.stage == "cache":
-        trained = [artifact(cfg, t) for t in _teachers(cfg) if isinstance(t, Node)]
-        return cache_root(cfg, teacher_configs(cfg, trained))
+        return cache_root(cfg, _cache_teachers(cfg))
     stage = BY_NAME[node.stage]
     d = directory(cfg, node)
     return d / stage.artifact if stage.artifact else d

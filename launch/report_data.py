@@ -8,19 +8,13 @@ the spread, and the verdict says whether a difference exceeds the seeds' noise.
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
+from common.logging import read_json_if_any
+from distill.cache.layout import MANIFEST_FILE
 from launch import graph
 from launch.graph import Node
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def chosen(metrics: dict | None, key: str = "test_acc"):
@@ -32,7 +26,7 @@ def node_metrics(cfg) -> dict[Node, dict | None]:
     """Every node of the run's own metrics file, read once."""
     names = {"export": "export.json"}
     return {
-        n: read_json(graph.directory(cfg, n) / names.get(n.stage, "metrics.json"))
+        n: read_json_if_any(graph.directory(cfg, n) / names.get(n.stage, "metrics.json"))
         for n in graph.nodes(cfg)
         if n.stage != "report"
     }
@@ -85,37 +79,32 @@ def kd_gain(ce: dict, kd: dict) -> dict | None:
 
 
 def _teachers(cfg, m: dict, manifest: dict) -> list[dict]:
+    """One row per ensemble member: this run's `train` nodes, or the `cache.teachers` given
+    (their accuracy from the `metrics.json` beside each model directory, if there is one)."""
     cached = manifest.get("teachers") or []
-    out = []
     if graph.external_teachers(cfg) is None:
-        for i, member in enumerate(graph.members(cfg)):
-            metrics = m.get(Node("train", member.name))
-            out.append(
-                {
-                    "name": member.name,
-                    "model": member.model.name,
-                    "acc": chosen(metrics),
-                    "val_acc": chosen(metrics, "val_acc"),
-                    "acc_on_cached_views": (cached[i] if i < len(cached) else {}).get(
-                        "acc_on_cached_views"
-                    ),
-                }
-            )
+        found = [(t.name, t.model.name, m.get(Node("train", t.name))) for t in graph.members(cfg)]
     else:
-        for i, t in enumerate(cfg.cache.teachers):
-            trained = read_json(Path(t.path).parent / "metrics.json") if t.path else None
-            out.append(
-                {
-                    "name": t.path or t.model,
-                    "model": ((cached[i] if i < len(cached) else {}).get("spec") or {}).get("name"),
-                    "acc": chosen(trained),
-                    "val_acc": chosen(trained, "val_acc"),
-                    "acc_on_cached_views": (cached[i] if i < len(cached) else {}).get(
-                        "acc_on_cached_views"
-                    ),
-                }
+        found = [
+            (
+                t.path or t.model,
+                ((cached[i] if i < len(cached) else {}).get("spec") or {}).get("name"),
+                read_json_if_any(Path(t.path).parent / "metrics.json") if t.path else None,
             )
-    return out
+            for i, t in enumerate(cfg.cache.teachers)
+        ]
+    return [
+        {
+            "name": name,
+            "model": model,
+            "acc": chosen(metrics),
+            "val_acc": chosen(metrics, "val_acc"),
+            "acc_on_cached_views": (cached[i] if i < len(cached) else {}).get(
+                "acc_on_cached_views"
+            ),
+        }
+        for i, (name, model, metrics) in enumerate(found)
+    ]
 
 
 def _ensemble(teachers: list[dict], kd_rows: list[dict | None], manifest: dict) -> dict:
@@ -134,8 +123,9 @@ def _ensemble(teachers: list[dict], kd_rows: list[dict | None], manifest: dict) 
 
 
 def _slim(cfg, m: dict) -> dict:
-    sparsity, prune, finetune = (m.get(Node(s)) for s in ("sparsity", "prune", "finetune"))
-    before, after = (prune or {}).get("before") or {}, (prune or {}).get("after") or {}
+    sparsity, finetune = m.get(Node("sparsity")), m.get(Node("finetune"))
+    prune = m.get(Node("prune")) or {}
+    before, after = prune.get("before") or {}, prune.get("after") or {}
     source = graph.inputs(cfg, Node("sparsity")).get("model") if sparsity else None
     unpruned = m.get(source) if isinstance(source, Node) else None
     return {
@@ -162,14 +152,14 @@ def _slim(cfg, m: dict) -> dict:
             "acc": chosen(finetune),
             "latency_ms": after.get("latency_ms"),
         },
-        "target": (prune or {}).get("target"),
-        "prune_ratio": (prune or {}).get("ratio"),
-        "threshold_separation": (prune or {}).get("separation"),
-        "params_ratio": (prune or {}).get("params_ratio"),
-        "macs_ratio": (prune or {}).get("macs_ratio"),
-        "latency_ratio": (prune or {}).get("latency_ratio"),
-        "channels": (prune or {}).get("channels"),
-        "per_layer": (prune or {}).get("per_layer"),
+        "target": prune.get("target"),
+        "prune_ratio": prune.get("ratio"),
+        "threshold_separation": prune.get("separation"),
+        "params_ratio": prune.get("params_ratio"),
+        "macs_ratio": prune.get("macs_ratio"),
+        "latency_ratio": prune.get("latency_ratio"),
+        "channels": prune.get("channels"),
+        "per_layer": prune.get("per_layer"),
     }
 
 
@@ -177,7 +167,7 @@ def collect(cfg, m: dict[Node, dict | None]) -> dict:
     """The report from `m`, the `node_metrics(cfg)` of the same run."""
     cache_metrics = m.get(Node("cache")) or {}
     manifest = (
-        read_json(Path(cache_metrics["cache_dir"]) / "manifest.json")
+        read_json_if_any(Path(cache_metrics["cache_dir"]) / MANIFEST_FILE)
         if cache_metrics.get("cache_dir")
         else None
     ) or {}
