@@ -48,7 +48,7 @@ def write_cache(
     cfg = Config()
     cfg.cache.views, cfg.cache.storage, cfg.cache.topk = views, storage, max(k, 1)
     cfg.cache.batch_size = batch
-    spec = build_spec(cache_identity(cfg, dataset, ensemble.identities), cfg, num_shards=1)
+    spec = build_spec(cache_identity(cfg, dataset, ensemble.identities), cfg, 1, teachers=[])
     claim_spec(root, spec)
     cfg.data.num_workers = workers
     cpu = {"device": torch.device("cpu"), "autocast": torch.no_grad, "logger": NullLogger()}

@@ -4,6 +4,7 @@
     python -m launch pipeline --config FILE [...]     # every stage of the run, in order
     python -m launch plan --config FILE [--stages A,B] [...]   # the run as scheduler jobs
     python -m launch models
+    python -m launch verify-cache --cache DIR                # a cache someone handed you
 
 Also runs under `accelerate launch [flags] -m launch ...`: every process parses the same
 arguments and finds its rank from the environment accelerate sets. The stages and their help
@@ -41,6 +42,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("target", metavar="STAGE|COMMAND", help="a stage or a command below")
     parser.add_argument("--config", "-c", help="YAML run configuration (see configs/)")
     parser.add_argument("--stages", help="plan: a comma-separated subset of the run's stages")
+    parser.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="verify-cache: check this cache directory alone, with no --config (re-scoring "
+        "needs the data and teachers at the paths its manifest records)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     return parser.parse_intermixed_args(argv)
 
@@ -60,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     from launch.config import Config
 
     try:
+        if args.cache is not None:
+            return verify_directory(args)
         cfg = load_config(Config, args.config, args.overrides)
         if args.target == "plan":
             from launch.plan import plan
@@ -78,6 +87,29 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         print(f"preempted: {e}; run the same command again to resume", file=sys.stderr)
         return EXIT_PREEMPTED
+
+
+def verify_directory(args: argparse.Namespace) -> int:
+    """`verify-cache --cache DIR`: the cache's own checks, no configuration."""
+    from common.errors import ConfigError
+    from distill.cache.verify import verify_directory as verify
+
+    if args.target != "verify-cache" or args.config or args.overrides or args.stages:
+        raise ConfigError(
+            "--cache DIR goes with `verify-cache` alone: `python -m launch verify-cache "
+            "--cache DIR` (no --config, no overrides)"
+        )
+    report = verify(args.cache)
+    line = f"verify-cache: OK: {report['rows']} rows complete, checksums match"
+    if report["rescored"]:
+        line += (
+            f", {report['rows_checked']} re-scored rows agree (top-1 "
+            f"{report['top1_agreement']:.2%}, max |diff| {report['max_abs_diff']:.2g})"
+        )
+    else:
+        line += f"; re-scoring skipped: {report['skipped_because']}"
+    print(line)
+    return 0
 
 
 def run(cfg, target: str) -> int:

@@ -3,6 +3,7 @@ mismatches, corruption detection, top-k storage and third-party readability."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -235,6 +236,27 @@ def test_verify_catches_a_truncated_shard(tmp_path, teachers, reference):
     assert "checksum mismatch" in proc.stderr and arrow.name in proc.stderr
     with pytest.raises(CacheError, match="truncated"):
         LogitCache(cdir(tmp_path)).rows(np.array([0]), np.array([0]))
+
+
+def test_verify_cache_checks_a_directory_alone(tmp_path, reference):
+    """`verify-cache --cache DIR` needs no configuration: checksums and keys always, re-scoring
+    from the data and teachers the manifest records while they are still there."""
+    good = run_cli("verify-cache", "--cache", str(reference))
+    assert f"verify-cache: OK: {N * 3} rows complete, checksums match, 64 re-scored" in good.stdout
+    copy = cdir(copy_of(reference, tmp_path))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["source"]["teachers"][1]["path"] = str(tmp_path / "moved")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    moved = run_cli("verify-cache", "--cache", str(copy))
+    assert "checksums match; re-scoring skipped" in moved.stdout and "moved" in moved.stdout
+    [arrow] = list(copy.glob("shard-*/*.arrow"))
+    data = bytearray(arrow.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    arrow.write_bytes(bytes(data))
+    bad = run_cli("verify-cache", "--cache", str(copy), check=False)
+    assert bad.returncode == 1 and "checksum mismatch" in bad.stderr and arrow.name in bad.stderr
+    misuse = run_cli("verify-cache", "--cache", str(copy), "cache.views=2", check=False)
+    assert misuse.returncode == 2 and "--cache DIR goes with `verify-cache` alone" in misuse.stderr
 
 
 @pytest.mark.slow

@@ -4,6 +4,8 @@ Three independent checks: every (sample_id, view_id) appears exactly once at its
 shard file matches the checksum recorded when it was written; and K random rows, re-scored by
 the teachers on freshly replayed views, agree with the stored targets (top-1 and values within
 float16 rounding). The last one catches what checksums cannot: a cache made from other pixels.
+`verify_directory` runs them on a directory alone, rebuilding data and teachers from the paths
+its manifest records (re-scoring is skipped, with the reason, when they are not there).
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import numpy as np
 import torch
 
 from common.checkpoint import file_sha256
-from common.data import ViewDataset
-from common.errors import CacheError
-from distill.cache.layout import row_keys, shard_name
+from common.config import DataConfig, from_dict
+from common.data import ViewDataset, build_splits
+from common.errors import CacheError, KdslimError
+from common.precision import DTYPES
+from distill.cache.layout import identity_of, row_keys, shard_name
 from distill.cache.reader import LogitCache
-from distill.teachers import Ensemble
+from distill.config import CacheConfig, TeacherConfig
+from distill.teachers import Ensemble, build_ensemble, teacher_identity
 
 # Relative tolerance of a re-scored value, by what limits it most. float16 storage keeps 11
 # significant bits (step 9.8e-4 relative); teachers under bf16 autocast keep 8 (3.9e-3) and a
@@ -127,3 +132,42 @@ def spot_check(
             f"teachers: rebuild it"
         )
     return report
+
+
+def verify_directory(root, samples: int = CacheConfig.verify_samples, seed: int = 0) -> dict:
+    """Every check on the cache in `root` with no configuration: completeness and checksums
+    always; re-scoring when the data and teachers are still where the manifest records them
+    and are still what the cache was made from (`report["rescored"]` says which, and why not).
+    Raises CacheError when a check fails."""
+    cache = LogitCache(root)
+    report = {"cache_dir": str(cache.root), "rows": check_files_and_keys(cache)}
+    found = _recorded_source(cache.manifest)
+    if isinstance(found, str):
+        return {**report, "rescored": False, "skipped_because": found}
+    dataset, teachers = found
+    ensemble = build_ensemble(teachers, cache.num_classes, cache.manifest["ensemble"])
+    ensemble.to(DTYPES[cache.manifest.get("dtype", "float32")])
+    checked = spot_check(cache, dataset, ensemble, samples, seed, torch.device("cpu"))
+    return {**report, **checked, "rescored": True}
+
+
+def _recorded_source(manifest: dict) -> tuple[ViewDataset, list[TeacherConfig]] | str:
+    """The training views and teachers a cache was made from, rebuilt from its manifest's
+    `source`, or why they cannot be."""
+    source = manifest.get("source")
+    if source is None:
+        return "the manifest does not record its data and teachers (an older cache)"
+    try:
+        data = from_dict(DataConfig, source["data"], src="manifest.json source.data")
+        dataset = build_splits(data, source["seed"], manifest["views"]["plain_first"]).train
+        teachers = [from_dict(TeacherConfig, t, src="manifest.json") for t in source["teachers"]]
+        identities = [teacher_identity(t, manifest["num_classes"]) for t in teachers]
+    except (KdslimError, OSError) as e:
+        return f"the recorded data or teachers cannot be read ({e})"
+    if dataset.source.fingerprint() != manifest["dataset"]:
+        return f"the data at {data.root or data.name} is not the data the cache was made from"
+    if dataset.recipe.fingerprint() != manifest["views"]["recipe_sha256"]:
+        return "the recorded view recipe no longer gives the cached views (code changed)"
+    if identities != identity_of(manifest)["teachers"]:
+        return "the teachers at the recorded paths are not the ones the cache was made from"
+    return dataset, teachers

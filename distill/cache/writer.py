@@ -19,6 +19,7 @@ import pyarrow as pa
 import torch
 
 from common.checkpoint import file_sha256
+from common.config import to_dict
 from common.data import ViewDataset, make_loader
 from common.logging import NullLogger, write_json
 from distill.cache.layout import (
@@ -31,23 +32,43 @@ from distill.cache.layout import (
     row_keys,
     shard_name,
 )
+from distill.config import TeacherConfig
 from distill.teachers import Ensemble
 
 datasets.disable_progress_bars()
 
 
-def build_spec(identity: dict, cfg, num_shards: int) -> dict:
-    """spec.json: the cache's identity and how it is being written."""
+def build_spec(identity: dict, cfg, num_shards: int, teachers: list[TeacherConfig]) -> dict:
+    """spec.json: the cache's identity, how it is being written, and where its data and
+    teachers were read from (`source`, so that `verify-cache --cache DIR` can re-score rows
+    with no configuration)."""
     c = cfg.cache
     layout = {"batch_size": c.batch_size, "rows_per_part": c.rows_per_part}
-    return {**identity, "layout": {**layout, "num_shards": num_shards}}
+    data = to_dict(cfg.data)
+    if data.get("root"):
+        data["root"] = str(Path(data["root"]).resolve())
+    source = {
+        "data": data,
+        "seed": cfg.run.seed,
+        "teachers": [_absolute(to_dict(t)) for t in teachers],
+    }
+    return {**identity, "layout": {**layout, "num_shards": num_shards}, "source": source}
+
+
+def _absolute(teacher: dict) -> dict:
+    return {
+        k: str(Path(v).resolve()) if k in ("path", "weights") and v else v
+        for k, v in teacher.items()
+    }
 
 
 def claim_spec(root: Path, spec: dict) -> None:
-    """Write spec.json, or check that an existing cache was started with the same spec."""
+    """Write spec.json, or check that an existing cache was started with the same spec (paths
+    in `source` may differ: a cache may be finished from another checkout)."""
     path = root / SPEC_FILE
     if path.is_file():
-        diffs = describe_mismatch(read_json(path), spec)
+        found = {k: v for k, v in read_json(path).items() if k != "source"}
+        diffs = describe_mismatch(found, {k: v for k, v in spec.items() if k != "source"})
         if diffs:
             raise mismatch(
                 root,

@@ -52,7 +52,7 @@ def run(cfg, inputs, ctx) -> dict:
         acc.device, DTYPES[cfg.run.dtype]
     )
     num_shards, mine = shard_assignment(cfg, acc.process_index, acc.num_processes)
-    spec = build_spec(wanted, cfg, num_shards)
+    spec = build_spec(wanted, cfg, num_shards, teachers)
     # rank 0 writes (or checks) spec.json first; then every other process (and array task)
     # checks it continues the same cache
     if ctx.is_main:
