@@ -55,24 +55,23 @@ def kd_loss(
 
 
 def topk_to_logits(
-    topk_idx: torch.Tensor, topk_val: torch.Tensor, lse: torch.Tensor, num_classes: int
+    topk_idx: torch.Tensor, topk_logp: torch.Tensor, num_classes: int
 ) -> torch.Tensor:
-    """Dense teacher logits [B, C] from a top-k cache row.
+    """Dense teacher logits [B, C] from a top-k cache row (class indices and log-probabilities).
 
     Tail policy ("uniform", FKD's marginal smoothing): the probability mass the k stored classes
-    leave, 1 - sum_k exp(v_k - lse), is spread evenly over the C - k others. At T = 1 the
+    leave, 1 - sum_k exp(logp_k), is spread evenly over the C - k others. At T = 1 the
     result's softmax equals the full teacher softmax on the kept classes exactly and has the
     right total tail mass; at other temperatures it is the temperature applied to that
     reconstruction (the tail's internal shape is unknown, so it stays flat).
     """
-    vals = at_least_float32(topk_val)
-    lse = lse.to(vals.dtype)[:, None]
+    vals = at_least_float32(topk_logp)
     k = vals.shape[1]
     out = torch.empty(vals.shape[0], num_classes, dtype=vals.dtype, device=vals.device)
     if k < num_classes:
-        kept = torch.exp(vals - lse).sum(1, keepdim=True).clamp(max=1.0)
+        kept = torch.exp(vals).sum(1, keepdim=True).clamp(max=1.0)
         tail = (1.0 - kept).clamp(min=1e-12)
-        out.copy_((torch.log(tail) - math.log(num_classes - k) + lse).expand_as(out))
+        out.copy_((torch.log(tail) - math.log(num_classes - k)).expand_as(out))
     out.scatter_(1, topk_idx.long(), vals)
     return out
 
@@ -80,12 +79,11 @@ def topk_to_logits(
 def kd_loss_topk(
     student_logits: torch.Tensor,
     topk_idx: torch.Tensor,
-    topk_val: torch.Tensor,
-    lse: torch.Tensor,
+    topk_logp: torch.Tensor,
     labels: torch.Tensor,
     T: float,
     alpha: float,
 ) -> torch.Tensor:
     """`kd_loss` against a top-k cache row (see `topk_to_logits` for the tail policy)."""
-    teacher = topk_to_logits(topk_idx, topk_val, lse, student_logits.shape[-1])
+    teacher = topk_to_logits(topk_idx, topk_logp, student_logits.shape[-1])
     return kd_loss(student_logits, teacher, labels, T, alpha)

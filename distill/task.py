@@ -60,10 +60,7 @@ class CachedTeacher:
         if "teacher_logits" in batch:
             return batch["teacher_logits"]
         return topk_to_logits(
-            batch["teacher_topk_idx"],
-            batch["teacher_topk_val"],
-            batch["teacher_lse"],
-            self.num_classes,
+            batch["teacher_topk_idx"], batch["teacher_topk_logp"], self.num_classes
         )
 
 

@@ -61,9 +61,9 @@ def test_kd_loss_is_float32_under_autocast():
 def test_topk_reconstruction_keeps_the_softmax_on_kept_classes():
     torch.manual_seed(1)
     full = torch.randn(8, 100, dtype=torch.float64) * 4
-    vals, idx = full.topk(5, -1)
-    lse = torch.logsumexp(full, -1)
-    dense = topk_to_logits(idx, vals, lse, 100)
+    logp = torch.log_softmax(full, -1)  # what a top-k row stores
+    vals, idx = logp.topk(5, -1)
+    dense = topk_to_logits(idx, vals, 100)
     p_full, p_dense = F.softmax(full, -1), F.softmax(dense, -1)
     exact = {"atol": 1e-12, "rtol": 0}  # float64 throughout
     torch.testing.assert_close(p_dense.gather(1, idx), p_full.gather(1, idx), **exact)
@@ -72,12 +72,12 @@ def test_topk_reconstruction_keeps_the_softmax_on_kept_classes():
     torch.testing.assert_close((p_dense * mask).sum(1), tail, **exact)
     rest = p_dense[mask].view(8, 95)
     torch.testing.assert_close(rest, rest[:, :1].expand_as(rest), atol=0, rtol=0)  # uniform
-    # All classes kept: exactly the full logits, and the top-k loss equals the full one.
-    v, i = full.topk(100, -1)
-    torch.testing.assert_close(topk_to_logits(i, v, lse, 100), full, atol=0, rtol=0)
+    # All classes kept: exactly the log-probabilities, and the top-k loss equals the full one.
+    v, i = logp.topk(100, -1)
+    torch.testing.assert_close(topk_to_logits(i, v, 100), logp, atol=0, rtol=0)
     y = torch.zeros(8, dtype=torch.long)
     torch.testing.assert_close(
-        kd_loss_topk(full, i, v, lse, y, 2.0, 0.7), kd_loss(full, full, y, 2.0, 0.7), **exact
+        kd_loss_topk(full, i, v, y, 2.0, 0.7), kd_loss(full, full, y, 2.0, 0.7), **exact
     )
 
 

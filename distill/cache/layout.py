@@ -6,8 +6,11 @@
     <root>/parts/shard-00000/part-00003/  resumable pieces of a shard still being written
     <root>/manifest.json                  spec + shards + accuracies, written once complete
 
-Row r of the cache (shards concatenated in order) holds sample r // V, view r % V: sample-major
-order makes lookup arithmetic, and every read checks the stored (sample_id, view_id) anyway.
+Row r of the cache (shards concatenated in order) holds sample r // V, view r % V. The keys
+are implied by that position, not stored (each shard's record gives its row range): a row is
+only its soft target, `logits` [C] (full storage) or `topk_idx` [k] + `topk_logp` [k] (top-k:
+the k largest classes and their log-probabilities), so a top-10 view at 1,000 classes costs
+40 bytes. Any reader (`datasets.load_from_disk`) finds sample s, view v at row s * V + v.
 Shards and inference batches are cut at multiples of `batch_size` rows, so a row's teacher
 forward pass sees the same batch whatever the number of processes or array tasks, and a
 2-process cache is bit-identical to a 1-process one.
@@ -23,8 +26,9 @@ import numpy as np
 
 from common.errors import CacheError, ConfigError
 
-CACHE_FORMAT = 2
-"""1: keys and targets; 2: + `logit_dtype`, and `layout` apart from the content identity."""
+CACHE_FORMAT = 3
+"""1: keys and targets; 2: + `logit_dtype`, and `layout` apart from the content identity;
+3: keys implied by row position, top-k stored as log-probabilities (no logsumexp column)."""
 SPEC_FILE, MANIFEST_FILE = "spec.json", "manifest.json"
 
 
@@ -95,8 +99,21 @@ class ShardPlan:
 
 
 def row_keys(lo: int, hi: int, views: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sample_id, view_id) of rows lo..hi-1."""
     rows = np.arange(lo, hi, dtype=np.int64)
     return rows // views, rows % views
+
+
+def check_format(root: Path, manifest: dict) -> None:
+    """Refuse a cache this version cannot read, saying what to do."""
+    found = manifest.get("format")
+    if found != CACHE_FORMAT:
+        raise CacheError(
+            f"{root} is a format-{found} logit cache; this kdslim reads format {CACHE_FORMAT} "
+            f"(rows keyed by position, top-k as log-probabilities: 40 bytes a top-10 view at "
+            f"1,000 classes). Write the cache again with `cache` (`cache.dir: auto` puts it in "
+            f"a new directory); the old one is left as it is."
+        )
 
 
 def index_dtype(num_classes: int) -> str:

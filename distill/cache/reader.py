@@ -2,10 +2,11 @@
 
 Opening checks the manifest against what the consumer is about to train on (dataset, view
 recipe, view count, class count and, when it knows them, the teachers) and refuses a mismatch
-with the list of differences. Reads go through Arrow (`with_format("arrow")` + `to_numpy`),
-which avoids the torch formatter's silent float16 -> float32 upcast of whole columns and is
-about 2x faster; only the requested rows are converted, and every read verifies the stored
-(sample_id, view_id) so a misaligned row can never be used silently.
+with the list of differences, and checks that every shard file is there at its recorded size
+and holds its recorded number of rows (a row's position is its key, so a shard of the wrong
+length is refused before any row is used). Reads go through Arrow (`with_format("arrow")` +
+`to_numpy`), which avoids the torch formatter's silent float16 -> float32 upcast of whole
+columns and is about 2x faster; only the requested rows are converted.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from common.errors import CacheError
 from distill.cache.layout import (
     MANIFEST_FILE,
     SPEC_FILE,
+    check_format,
     describe_mismatch,
     identity_of,
     mismatch,
@@ -44,6 +46,7 @@ class LogitCache:
                 )
             raise CacheError(f"no cache at {self.root} (no {MANIFEST_FILE}): run `cache` first")
         self.manifest = read_json(manifest_path)
+        check_format(self.root, self.manifest)
         if expect is not None:
             diffs = describe_mismatch(identity_of(self.manifest), expect)
             if diffs:
@@ -72,7 +75,13 @@ class LogitCache:
                             f"cache shard file {path / f} is missing or truncated; "
                             f"run verify-cache, then rebuild the cache"
                         )
-                shards.append(datasets.load_from_disk(str(path)))
+                shard = datasets.load_from_disk(str(path))
+                if len(shard) != rec["num_rows"]:
+                    raise CacheError(
+                        f"cache shard {path} holds {len(shard)} rows, its record says "
+                        f"{rec['num_rows']}: run verify-cache, then rebuild the cache"
+                    )
+                shards.append(shard)
             ds = datasets.concatenate_datasets(shards)
             if len(ds) != self.num_rows:
                 raise CacheError(f"{self.root} holds {len(ds)} rows, manifest says {self.num_rows}")
@@ -84,22 +93,16 @@ class LogitCache:
 
     def rows(self, sample_ids: np.ndarray, view_ids: np.ndarray) -> dict[str, torch.Tensor]:
         """Soft targets for each (sample, view): `logits` [B, C] (full storage) or
-        `topk_idx` [B, k], `topk_val` [B, k] and `lse` [B] (top-k storage), in at least
-        float32."""
+        `topk_idx` [B, k] and `topk_logp` [B, k] (top-k storage), in at least float32."""
         sample_ids = np.asarray(sample_ids, dtype=np.int64)
         view_ids = np.asarray(view_ids, dtype=np.int64)
         if (view_ids < 0).any() or (view_ids >= self.views).any():
             raise CacheError(f"view ids must be in [0, {self.views}) for this cache")
-        table = self._dataset()[(sample_ids * self.views + view_ids).tolist()]
-        if not (
-            np.array_equal(table.column("sample_id").to_numpy(), sample_ids)
-            and np.array_equal(table.column("view_id").to_numpy(), view_ids)
-        ):
-            raise CacheError(
-                f"{self.root}: stored keys do not match their row positions; the "
-                f"cache is corrupt, rebuild it"
-            )
-        names = ["logits"] if self.storage == "full" else ["topk_idx", "topk_val", "lse"]
+        rows = sample_ids * self.views + view_ids
+        if (sample_ids < 0).any() or (rows >= self.num_rows).any():
+            raise CacheError(f"sample ids must be in [0, {self.num_rows // self.views})")
+        table = self._dataset()[rows.tolist()]
+        names = ["logits"] if self.storage == "full" else ["topk_idx", "topk_logp"]
         return {n: _column(table, n) for n in names}
 
 

@@ -171,7 +171,7 @@ class ShardWriter:
                 counts[:-2] += (per.argmax(-1) == labels).sum(1).numpy()
                 counts[-2] += int((target.argmax(-1) == labels).sum())
                 counts[-1] += len(labels)
-                for k, v in self._encode(batch, target, per).items():
+                for k, v in self._encode(target, per).items():
                     columns.setdefault(k, []).append(v)
                 bar.update(len(labels))
         table = pa.table({k: pa.concat_arrays(v) for k, v in columns.items()})
@@ -191,24 +191,20 @@ class ShardWriter:
         self.rows_written += end - start
         return stats
 
-    def _encode(self, batch: dict, target: torch.Tensor, per: torch.Tensor) -> dict:
-        cols = {
-            "sample_id": pa.array(batch["sample_id"].numpy().astype(np.int64)),
-            "view_id": pa.array(batch["view_id"].numpy().astype(np.int32)),
-            "label": pa.array(batch["label"].numpy().astype(np.int64)),
-        }
+    def _encode(self, target: torch.Tensor, per: torch.Tensor) -> dict:
+        """One batch's columns. No keys: a row's position is its key (see layout)."""
+        cols = {}
         if self.storage["mode"] == "full":
             cols["logits"] = self._floats(target)
         else:
-            k = self.storage["k"]
-            vals, idx = target.topk(k, dim=-1)
+            # log-probabilities: the softmax at any temperature ignores the logsumexp, and
+            # the tail's mass at T = 1 is what the k values leave of 1
+            logp, idx = torch.log_softmax(target, -1).topk(self.storage["k"], dim=-1)
             cols["topk_idx"] = _fixed_list(
                 idx.numpy().astype(self.storage["index_dtype"]),
                 pa.from_numpy_dtype(np.dtype(self.storage["index_dtype"])),
             )
-            cols["topk_val"] = self._floats(vals)
-            lse = torch.logsumexp(target, -1).numpy()  # at least float32: it anchors the tail
-            cols["lse"] = pa.array(lse.astype(np.promote_types(self.logit_dtype, np.float32)))
+            cols["topk_logp"] = self._floats(logp)
         if self.storage["per_teacher"]:
             for t in range(per.shape[0]):
                 cols[f"t{t}_logits"] = self._floats(per[t])
