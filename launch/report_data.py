@@ -64,17 +64,23 @@ def _students(m: dict, stage: str) -> dict:
 
 def kd_gain(ce: dict, kd: dict) -> dict | None:
     """KD minus CE, in accuracy, with the seeds' noise: the larger of the two sample stds.
-    "Larger than the noise" means larger than twice that spread."""
+    "Larger than the noise" means larger than twice that spread. A CE and a KD student of one
+    seed share initialisation and batch order, so `ahead` also counts the seeds on which KD
+    beat its own twin."""
     if ce["mean"] is None or kd["mean"] is None:
         return None
     gain = kd["mean"] - ce["mean"]
     spreads = [s for s in (ce["std"], kd["std"]) if s is not None]
     spread = max(spreads) if len(spreads) == 2 else None
+    ce_by_seed = {r["seed"]: r["acc"] for r in ce["seeds"] if r["acc"] is not None}
+    twins = [(ce_by_seed[r["seed"]], r["acc"]) for r in kd["seeds"] if r["seed"] in ce_by_seed]
     return {
         "gain": gain,
         "spread": spread,
         "n": min(ce["n"], kd["n"]),
         "beyond_noise": None if spread is None else gain > 2 * spread,
+        "ahead": sum(k > c for c, k in twins if k is not None),
+        "twins": len(twins),
     }
 
 
@@ -236,7 +242,8 @@ def verdict(r: dict) -> list[str]:
             lines.append(
                 f"KD gain {_pts(g['gain'])} ± {100 * g['spread']:.1f} points over {g['n']} "
                 f"seeds ({'larger' if g['beyond_noise'] else 'not larger'} than seed noise: "
-                f"the gain against twice the larger seed std)"
+                f"the gain against twice the larger seed std); KD ahead of its CE twin on "
+                f"{g['ahead']} of {g['twins']} seeds"
             )
     s = r["slim"]
     p = s["pruned"]

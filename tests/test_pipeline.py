@@ -111,6 +111,8 @@ def test_report_has_every_field(run_dir):
     g = r["kd_gain"]
     assert g["gain"] == r["student_kd"]["mean"] - r["student_ce"]["mean"]
     assert g["beyond_noise"] == (g["gain"] > 2 * g["spread"])
+    twins = zip(r["student_ce"]["seeds"], r["student_kd"]["seeds"])
+    assert g["twins"] == 2 and g["ahead"] == sum(kd["acc"] > ce["acc"] for ce, kd in twins)
     e = r["ensemble"]
     assert e["members"] == 2 and e["best_member_acc"] == max(t["acc"] for t in r["teachers"])
     assert e["gain_over_best_member"] == e["acc"] - e["best_member_acc"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from common.precision import DTYPES
 from distill.cache.layout import (
     MANIFEST_FILE,
+    check_format,
     describe_mismatch,
     identity_of,
     mismatch,
@@ -34,6 +35,7 @@ def run(cfg, inputs, ctx) -> dict:
     manifest_path = root / MANIFEST_FILE
     if manifest_path.is_file():
         manifest = read_json(manifest_path)
+        check_format(root, manifest)
         diffs = describe_mismatch(identity_of(manifest), wanted)
         if diffs:
             raise mismatch(
