@@ -54,8 +54,11 @@ class CacheConfig:
     """Augmented views cached per sample (view_id 0..views-1)."""
     plain_first: bool = False
     """View 0 is the un-augmented evaluation view."""
-    storage: Literal["full", "topk"] = "full"
-    """full: all class logits; topk: the k largest (index + value) and the logsumexp."""
+    storage: Literal["full", "int8", "topk"] = "full"
+    """full: all class logits (`logit_dtype`); int8: all class logits as 8-bit steps of a
+    per-row range (C + 4 bytes a view, KD loss and gradient as full storage's to 1e-4:
+    BENCHMARKS.md); topk: the k most probable classes and their log-probabilities (4k bytes,
+    the rest of the mass spread flat: exact at T = 1, less so at the T of distillation)."""
     topk: POSITIVE_INT = 10
     """Classes kept per row with storage=topk (at most the class count)."""
     logit_dtype: Literal["float16", "float32", "float64"] = "float16"

@@ -292,6 +292,26 @@ def test_topk_storage_keeps_top_classes_and_tail_mass(tmp_path, teachers, refere
     assert "verify-cache: OK" in verify.stdout
 
 
+@pytest.mark.slow
+def test_int8_storage_is_within_a_step_of_full_logits(tmp_path, teachers, reference):
+    """int8 rows: every class's logit as a uint8 step of the row's own range, C + 4 bytes."""
+    int8 = ["cache.storage=int8", "cache.per_teacher=false"]
+    run_cli("cache", *cache_args(tmp_path / "q", teachers, *int8))
+    root = cdir(tmp_path / "q")
+    stored = all_rows(root)
+    assert stored["logits_q"].dtype == np.uint8 and stored["logits_q"].shape == (N * 3, 10)
+    assert datasets.load_from_disk(str(root / "shard-00000-of-00001")).data.nbytes == N * 3 * 14
+    full = torch.from_numpy(all_rows(reference)["logits"].copy()).float()
+    got = LogitCache(root).rows(np.arange(N).repeat(3), np.tile(np.arange(3), N))["logits"]
+    step = torch.from_numpy(stored["logits_step"].copy()).float()[:, None]
+    # half a step of quantisation, plus the float16 rounding of the reference (2^-11 relative
+    # of logits up to ~5) and of the row's lower end
+    assert ((got - full).abs() <= step / 2 + 5e-3).all()
+    assert (got.argmax(-1) == full.argmax(-1)).float().mean() > 0.99
+    verify = run_cli("verify-cache", *cache_args(tmp_path / "q", teachers, *int8))
+    assert "verify-cache: OK" in verify.stdout
+
+
 def test_reader_reads_by_position_refuses_old_formats_and_third_party_loaders_work(
     tmp_path, reference
 ):

@@ -8,9 +8,10 @@
 
 Row r of the cache (shards concatenated in order) holds sample r // V, view r % V. The keys
 are implied by that position, not stored (each shard's record gives its row range): a row is
-only its soft target, `logits` [C] (full storage) or `topk_idx` [k] + `topk_logp` [k] (top-k:
-the k largest classes and their log-probabilities), so a top-10 view at 1,000 classes costs
-40 bytes. Any reader (`datasets.load_from_disk`) finds sample s, view v at row s * V + v.
+only its soft target: `logits` [C] (full storage), `logits_q` [C] uint8 + `logits_lo` and
+`logits_step` (int8 storage: C + 4 bytes), or `topk_idx` [k] + `topk_logp` [k] (top-k: the k
+most probable classes and their log-probabilities; 40 bytes a top-10 view). Any reader
+(`datasets.load_from_disk`) finds sample s, view v at row s * V + v.
 Shards and inference batches are cut at multiples of `batch_size` rows, so a row's teacher
 forward pass sees the same batch whatever the number of processes or array tasks, and a
 2-process cache is bit-identical to a 1-process one.

@@ -92,7 +92,7 @@ class LogitCache:
         return {**self.__dict__, "_ds": None}
 
     def rows(self, sample_ids: np.ndarray, view_ids: np.ndarray) -> dict[str, torch.Tensor]:
-        """Soft targets for each (sample, view): `logits` [B, C] (full storage) or
+        """Soft targets for each (sample, view): `logits` [B, C] (full and int8 storage) or
         `topk_idx` [B, k] and `topk_logp` [B, k] (top-k storage), in at least float32."""
         sample_ids = np.asarray(sample_ids, dtype=np.int64)
         view_ids = np.asarray(view_ids, dtype=np.int64)
@@ -102,6 +102,10 @@ class LogitCache:
         if (sample_ids < 0).any() or (rows >= self.num_rows).any():
             raise CacheError(f"sample ids must be in [0, {self.num_rows // self.views})")
         table = self._dataset()[rows.tolist()]
+        if self.storage == "int8":
+            q = _column(table, "logits_q").float()
+            step, lo = _column(table, "logits_step"), _column(table, "logits_lo")
+            return {"logits": lo[:, None] + q * step[:, None]}
         names = ["logits"] if self.storage == "full" else ["topk_idx", "topk_logp"]
         return {n: _column(table, n) for n in names}
 

@@ -94,22 +94,26 @@ def spot_check(
     with torch.inference_mode(), autocast:
         fresh, _ = ensemble(images.to(device, dtype))
     fresh = fresh.cpu()
-    if cache.storage == "full":
+    row_atol = torch.full((len(rows), 1), atol, dtype=fresh.dtype)
+    if cache.storage in ("full", "int8"):
         ref_vals, stored_vals = fresh, stored["logits"]
         stored_top1 = stored_vals.argmax(-1)
+        if cache.storage == "int8":  # plus one quantisation step of the row's range
+            span = fresh.max(-1, keepdim=True).values - fresh.min(-1, keepdim=True).values
+            row_atol = row_atol + span * (1 + rtol) / 255
     else:
         idx = stored["topk_idx"]
         fresh = torch.log_softmax(fresh, -1)  # top-k rows hold log-probabilities
         ref_vals, stored_vals = fresh.gather(1, idx), stored["topk_logp"]
         stored_top1 = idx[:, 0]
     err = (ref_vals - stored_vals).abs()
-    tol = atol + rtol * ref_vals.abs()
+    tol = row_atol + rtol * ref_vals.abs()
     # A near-tie can flip the arg-max under float16 rounding: the stored top-1 must then be
     # within tolerance of the fresh maximum.
     fresh_top = fresh.max(-1).values
     at_stored = fresh.gather(1, stored_top1[:, None])[:, 0]
     top1_ok = (stored_top1 == fresh.argmax(-1)) | (
-        (fresh_top - at_stored) <= atol + rtol * fresh_top.abs()
+        (fresh_top - at_stored) <= row_atol[:, 0] + rtol * fresh_top.abs()
     )
     report = {
         "rows_checked": len(rows),

@@ -196,6 +196,8 @@ class ShardWriter:
         cols = {}
         if self.storage["mode"] == "full":
             cols["logits"] = self._floats(target)
+        elif self.storage["mode"] == "int8":
+            cols.update(quantize(target))
         else:
             # log-probabilities: the softmax at any temperature ignores the logsumexp, and
             # the tail's mass at T = 1 is what the k values leave of 1
@@ -286,6 +288,22 @@ def code_version() -> str:
     except OSError:
         rev = "unknown"
     return f"kdslim-0.1.0+{rev}"
+
+
+def quantize(logits: torch.Tensor) -> dict[str, pa.Array]:
+    """Each row's logits as uint8 steps of its own range: `logits_q` [C] and float16
+    `logits_lo`, `logits_step` (the row is lo + q * step, within half a step of the logits).
+    Both are rounded to float16 before the steps are taken, so the reader's lo + q * step is
+    exactly what the writer aimed at."""
+    x = logits.double()
+    lo = x.min(-1, keepdim=True).values.half()
+    step = ((x.max(-1, keepdim=True).values - lo.double()) / 255).clamp(min=1e-4).half()
+    q = torch.round((x - lo.double()) / step.double()).clamp_(0, 255).to(torch.uint8)
+    return {
+        "logits_q": _fixed_list(q.numpy(), pa.uint8()),
+        "logits_lo": pa.array(lo[:, 0].numpy()),
+        "logits_step": pa.array(step[:, 0].numpy()),
+    }
 
 
 def _fixed_list(arr: np.ndarray, typ: pa.DataType) -> pa.Array:
