@@ -119,6 +119,19 @@ class DataConfig:
     """Aspect-ratio range of the imagenet recipe's resized crop."""
     hflip: bool = True
     """Random horizontal flip (p=0.5) in either recipe."""
+    randaugment: NON_NEGATIVE_INT = 0
+    """RandAugment ops per training view (0: off), chosen with their signs from (seed,
+    sample_id, view_id) so that a cached view can be rebuilt; torchvision's 14 ops."""
+    randaugment_magnitude: Annotated[int, _n(0, 30)] = 9
+    """RandAugment magnitude bin of 31, as torchvision's `magnitude`."""
+    mix: Literal["none", "mixup", "cutmix"] = "none"
+    """Mix every training view with a view of a partner sample: mixup blends the two images,
+    cutmix pastes a box of the partner's. The partner, the coefficient and the box are
+    functions of (seed, sample_id, view_id) alone, never of the batch, so a cached soft
+    target belongs to exactly the mixed image the student sees (the "consistent teaching" of
+    Beyer et al. 2022). The label becomes the same mixture. Evaluation views are not mixed."""
+    mix_alpha: Annotated[float, _n(0, open_lo=True)] = 1.0
+    """The mixing coefficient is drawn from Beta(mix_alpha, mix_alpha)."""
     mean: Annotated[tuple[float, float, float] | None, UNIT] = None
     """Normalisation mean (of pixels in [0, 1]); None takes the dataset's own statistics."""
     std: Annotated[tuple[float, float, float] | None, _n(0, open_lo=True)] = None

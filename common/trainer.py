@@ -56,6 +56,19 @@ class Task(Protocol):
         ...
 
 
+def label_targets(batch: dict, logits: torch.Tensor) -> torch.Tensor:
+    """What the label loss trains towards: the class indices, or for mixed views
+    (`data.mix`) lam * onehot(label) + (1 - lam) * onehot(mix_label) as class probabilities,
+    in the precision of the loss."""
+    if "mix_lam" not in batch:
+        return batch["label"]
+    logits = at_least_float32(logits)
+    n = logits.shape[-1]
+    lam = batch["mix_lam"].to(logits.dtype)[:, None]
+    own = F.one_hot(batch["label"], n).to(logits.dtype)
+    return lam * own + (1 - lam) * F.one_hot(batch["mix_label"], n).to(logits.dtype)
+
+
 class CrossEntropyTask:
     """Plain supervised training (teachers, the CE student baseline)."""
 
@@ -65,7 +78,9 @@ class CrossEntropyTask:
     def losses(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         logits = model(batch["image"])
         ce = F.cross_entropy(
-            at_least_float32(logits), batch["label"], label_smoothing=self.label_smoothing
+            at_least_float32(logits),
+            label_targets(batch, logits),
+            label_smoothing=self.label_smoothing,
         )
         return {"loss": ce, "ce": ce}
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from common.data import ViewDataset
 from common.data.seeding import mix
+from common.trainer import label_targets
 from distill.cache import LogitCache
 from distill.losses import kd_terms, soft_kl, topk_to_logits
 from distill.teachers import Ensemble
@@ -90,7 +91,7 @@ class KDTask:
     def losses(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         logits = model(batch["image"])
         t = self.teacher.targets(batch)
-        loss, kl, ce = kd_terms(logits, t, batch["label"], self.T, self.alpha)
+        loss, kl, ce = kd_terms(logits, t, label_targets(batch, logits), self.T, self.alpha)
         return {"loss": loss, "kl": kl.detach(), "ce": ce.detach()}
 
     def after_backward(self, model: nn.Module) -> dict[str, float]:

@@ -359,3 +359,20 @@ def test_auto_cache_dir_is_named_by_content_and_shared(tmp_path, teachers, refer
     assert len(list((tmp_path / "caches").iterdir())) == 2
     assert not (tmp_path / "a" / "cache" / "data").exists()  # the stage dir holds no cache
     assert (tmp_path / "a" / "cache" / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_mixed_view_cache_holds_the_mixed_images_scores(tmp_path, teachers, mix):
+    """With `data.mix`, the teachers score the mixed image: verify-cache, which rebuilds a
+    sample of mixed views from (seed, sample_id, view_id) alone and re-scores them, agrees
+    with the cache, and the rows differ from those of the same views unmixed."""
+    small = ["data.train_subset=40", "cache.verify_samples=16"]
+    run_cli("cache", *cache_args(tmp_path / "plain", teachers, *small))
+    mixed = [*small, f"data.mix={mix}"]
+    run_cli("cache", *cache_args(tmp_path / "mixed", teachers, *mixed))
+    verify = run_cli("verify-cache", *cache_args(tmp_path / "mixed", teachers, *mixed))
+    assert "verify-cache: OK" in verify.stdout
+    plain, got = all_rows(cdir(tmp_path / "plain")), all_rows(cdir(tmp_path / "mixed"))
+    differ = (plain["logits"] != got["logits"]).any(axis=1)
+    assert differ.mean() > 0.9  # every view is mixed; a box can miss only with lam near 1

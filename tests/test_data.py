@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from common.config import ConfigError, DataConfig
 from common.data import (
@@ -19,7 +20,11 @@ from common.data import (
     build_splits,
     eval_batches,
     make_loader,
+    randaugment,
+    views,
 )
+from common.data.seeding import rng_for
+from common.trainer import CrossEntropyTask
 from tests.conftest import random_images
 
 
@@ -140,14 +145,29 @@ def _render(dataset: ViewDataset, world: int, rank: int, workers: int, batch: in
     return out
 
 
-def _render_rank(rank, world, root, queue):
-    ds = build_splits(DataConfig(name="cifar10", root=root, val_fraction=0.0), seed=0).train
+RECIPES = {
+    "crop": {},
+    "mixup": {"mix": "mixup"},
+    "cutmix": {"mix": "cutmix"},
+    "randaugment": {"randaugment": 2, "mix": "cutmix"},
+    "imagenet-randaugment": {"augment": "imagenet", "randaugment": 3, "randaugment_magnitude": 15},
+}
+
+
+def _render_rank(rank, world, root, recipe, queue):
+    cfg = DataConfig(name="cifar10", root=root, val_fraction=0.0, **RECIPES[recipe])
+    ds = build_splits(cfg, seed=0).train
     queue.put({k: v.numpy() for k, v in _render(ds, world, rank, 2, 8, 2).items()})
 
 
-def test_views_identical_across_workers_and_processes(parquet_cifar):
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_views_identical_across_workers_and_processes(parquet_cifar, recipe):
+    """Every recipe, mixed and RandAugment ones included, gives the same pixels for a (sample,
+    view) with 0 or 2 loader workers and 1 or 2 processes: what a cache stored is what the
+    student sees."""
     ds = build_splits(
-        DataConfig(name="cifar10", root=str(parquet_cifar), val_fraction=0.0), seed=0
+        DataConfig(name="cifar10", root=str(parquet_cifar), val_fraction=0.0, **RECIPES[recipe]),
+        seed=0,
     ).train
     single = _render(ds, world=1, rank=0, workers=0, batch=8, accum=1)
     assert len(single) == 2 * 40  # 5 global batches of 8 per epoch, every sample once
@@ -158,7 +178,8 @@ def test_views_identical_across_workers_and_processes(parquet_cifar):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [
-        ctx.Process(target=_render_rank, args=(r, 2, str(parquet_cifar), queue)) for r in range(2)
+        ctx.Process(target=_render_rank, args=(r, 2, str(parquet_cifar), recipe, queue))
+        for r in range(2)
     ]
     for p in procs:
         p.start()
@@ -170,6 +191,70 @@ def test_views_identical_across_workers_and_processes(parquet_cifar):
     merged = {**parts[0], **parts[1]}
     assert merged.keys() == single.keys()
     assert all(np.array_equal(merged[k], single[k].numpy()) for k in single)
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_mixed_views_are_pure_functions_of_sample_and_view(parquet_cifar, mix):
+    cfg = DataConfig(name="cifar10", root=str(parquet_cifar), val_fraction=0.0, mix=mix)
+    ds = build_splits(cfg, seed=0).train
+    recipe, n = ds.recipe, len(ds)
+    lams = []
+    for s, v in [(3, 0), (3, 1), (7, 2), (0, 5)]:
+        item = ds[(s, v)]
+        p = recipe.mix_params(s, v, n)
+        assert p == recipe.mix_params(s, v, n) and p.partner != s and 0 <= p.lam <= 1
+        own = recipe.view(ds.source.image(s), s, v)
+        other = recipe.view(ds.source.image(p.partner), p.partner, v)
+        if mix == "mixup":
+            expected = own * p.lam + other * (1 - p.lam)
+        else:
+            top, left, h, w = p.box
+            expected = own.clone()
+            expected[:, top : top + h, left : left + w] = other[:, top : top + h, left : left + w]
+            assert p.lam == pytest.approx(1 - h * w / 32**2, abs=1e-12)
+        assert torch.equal(item["image"], expected)
+        assert (item["mix_label"], item["mix_lam"]) == (ds.source.labels[p.partner], p.lam)
+        lams.append(p.lam)
+    assert len(set(lams)) == len(lams)  # drawn per (sample, view)
+    assert "mix_lam" not in ds[(3, -1)]  # evaluation views are never mixed
+    assert (
+        recipe.fingerprint()
+        != build_splits(
+            DataConfig(name="cifar10", root=str(parquet_cifar), val_fraction=0.0), seed=0
+        ).train.recipe.fingerprint()
+    )
+
+
+def test_randaugment_ops_are_drawn_from_the_views_key(parquet_cifar):
+    def split(**kw):
+        cfg = DataConfig(name="cifar10", root=str(parquet_cifar), val_fraction=0.0, **kw)
+        return build_splits(cfg, seed=0).train
+
+    plain, ra = split(), split(randaugment=2, randaugment_magnitude=20)
+    keys = [(s, v) for s in range(12) for v in range(2)]
+    changed = [not torch.equal(plain[k]["image"], ra[k]["image"]) for k in keys]
+    assert sum(changed) >= len(keys) // 2  # most draws include an op that moves pixels
+    ops = {k: tuple(randaugment.choose(rng_for(0, views._RA_SALT, *k), 2)) for k in keys}
+    assert len(set(ops.values())) > len(keys) // 2  # drawn per (sample, view)
+    assert torch.equal(ra[keys[5]]["image"], ra[keys[5]]["image"])
+    assert ra.recipe.fingerprint() != plain.recipe.fingerprint()
+
+
+def test_mixed_labels_train_towards_the_same_mixture():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 10, dtype=torch.float64)
+    batch = {
+        "label": torch.tensor([1, 2, 3, 4]),
+        "mix_label": torch.tensor([5, 2, 0, 9]),
+        "mix_lam": torch.tensor([0.25, 0.5, 1.0, 0.0], dtype=torch.float64),
+    }
+    model = lambda x: logits  # noqa: E731 - the task only needs a callable
+    got = CrossEntropyTask().losses(model, {**batch, "image": None})["loss"]
+    lam = batch["mix_lam"]
+    per = lam * F.cross_entropy(logits, batch["label"], reduction="none") + (1 - lam) * (
+        F.cross_entropy(logits, batch["mix_label"], reduction="none")
+    )
+    torch.testing.assert_close(got, per.mean(), atol=1e-12, rtol=0)
 
 
 def test_sampler_global_batches_do_not_depend_on_world_or_accum():

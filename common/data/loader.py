@@ -37,12 +37,20 @@ class ViewDataset(Dataset):
         sample_id, view_id = (int(k) for k in key)
         img = self.source.image(sample_id)
         x = self.recipe.plain(img) if view_id < 0 else self.recipe.view(img, sample_id, view_id)
-        return {
+        item = {
             "image": x,
             "label": int(self.source.labels[sample_id]),
             "sample_id": sample_id,
             "view_id": view_id,
         }
+        if self.recipe.mix_kind != "none" and view_id >= 0:  # every training item has the keys
+            item["mix_label"], item["mix_lam"] = item["label"], 1.0
+            if self.recipe.mixes(view_id):
+                p = self.recipe.mix_params(sample_id, view_id, len(self.source))
+                other = self.recipe.view(self.source.image(p.partner), p.partner, view_id)
+                item["image"] = self.recipe.mixed(x, other, p)
+                item["mix_label"], item["mix_lam"] = int(self.source.labels[p.partner]), p.lam
+        return item
 
 
 ViewChooser = Callable[[np.ndarray, int], np.ndarray]

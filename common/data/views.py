@@ -1,7 +1,9 @@
 """Replayable augmentation views.
 
-A view is fully determined by (seed, sample_id, view_id): its parameters (crop box, flip) are
-drawn from a generator seeded with exactly those integers. Teachers scored view v of sample i;
+A view is fully determined by (seed, sample_id, view_id): its parameters (crop box, flip,
+RandAugment's ops, and with `data.mix` the partner sample, mixing coefficient and pasted box)
+are drawn from
+generators seeded with exactly those integers. Teachers scored view v of sample i;
 the student later rebuilds the same pixels from the same three numbers (Beyer et al. 2022:
 teacher and student must see the same view; FKD replays stored crop boxes the same way).
 """
@@ -18,10 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from common.config import DataConfig
+from common.data import randaugment
 from common.data.seeding import mix, rng_for
 from common.data.sources import ImageSource
 
 _VIEW_SALT = 0x51EE
+_MIX_SALT = 0x313C
+_RA_SALT = 0x4A0D
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,16 @@ class ViewParams:
     height: int
     width: int
     flip: bool
+
+
+@dataclass(frozen=True)
+class MixParams:
+    """The partner sample, the weight `lam` of the sample's own label, and for cutmix the
+    pasted box (rows top..top+height, columns left..left+width of the partner's view)."""
+
+    partner: int
+    lam: float
+    box: tuple[int, int, int, int] | None = None
 
 
 class ViewRecipe:
@@ -49,6 +64,8 @@ class ViewRecipe:
         self.std = torch.tensor(cfg.std or source.stats.std).view(3, 1, 1)
         self.seed = seed
         self.plain_view_zero = plain_view_zero
+        self.mix_kind, self.mix_alpha = cfg.mix, cfg.mix_alpha
+        self.ra_ops, self.ra_magnitude = cfg.randaugment, cfg.randaugment_magnitude
 
     def fingerprint(self) -> str:
         """Hash of everything that decides a view's pixels (for cache manifests)."""
@@ -63,6 +80,12 @@ class ViewRecipe:
             "std": self.std.flatten().tolist(),
             "seed": self.seed,
             "plain_view_zero": self.plain_view_zero,
+            **(
+                {"mix": self.mix_kind, "mix_alpha": self.mix_alpha}
+                if self.mix_kind != "none"
+                else {}
+            ),
+            **({"randaugment": [self.ra_ops, self.ra_magnitude]} if self.ra_ops else {}),
             "algorithm": 2,  # bump when the sampling code below changes
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
@@ -90,6 +113,38 @@ class ViewRecipe:
         top, left = (h >> 1) % span, (h >> 21) % span
         return ViewParams(top, left, self.size, self.size, bool(self.hflip and h & 1))
 
+    def mixes(self, view_id: int) -> bool:
+        """Whether training view `view_id` is mixed (never the plain view)."""
+        return (
+            self.mix_kind != "none" and view_id >= 0 and not (self.plain_view_zero and view_id == 0)
+        )
+
+    def mix_params(self, sample_id: int, view_id: int, num_samples: int) -> MixParams:
+        """Partner, coefficient and box of view `view_id` of `sample_id`: a pure function of
+        (seed, sample_id, view_id); the partner is never the sample itself."""
+        rng = rng_for(self.seed, _MIX_SALT, sample_id, view_id)
+        partner = (sample_id + 1 + int(rng.integers(max(num_samples - 1, 1)))) % num_samples
+        lam = float(rng.beta(self.mix_alpha, self.mix_alpha))
+        if self.mix_kind == "mixup":
+            return MixParams(partner, lam)
+        s = self.size  # cutmix: a box of area (1 - lam) S^2, clipped at the borders
+        cut = math.sqrt(1.0 - lam)
+        cy, cx = int(rng.integers(s)), int(rng.integers(s))
+        h, w = round(s * cut), round(s * cut)
+        top, bottom = max(cy - h // 2, 0), min(cy - h // 2 + h, s)
+        left, right = max(cx - w // 2, 0), min(cx - w // 2 + w, s)
+        box = (top, left, max(bottom - top, 0), max(right - left, 0))
+        return MixParams(partner, 1.0 - box[2] * box[3] / (s * s), box)
+
+    def mixed(self, own: torch.Tensor, other: torch.Tensor, p: MixParams) -> torch.Tensor:
+        """The sample's view mixed with its partner's view."""
+        if p.box is None:
+            return own * p.lam + other * (1.0 - p.lam)
+        top, left, h, w = p.box
+        out = own.clone()
+        out[:, top : top + h, left : left + w] = other[:, top : top + h, left : left + w]
+        return out
+
     def view(self, img: torch.Tensor, sample_id: int, view_id: int) -> torch.Tensor:
         """Training view `view_id` of sample `sample_id` (uint8 [3,H,W] -> float [3,S,S])."""
         if self.plain_view_zero and view_id == 0:
@@ -98,13 +153,14 @@ class ViewRecipe:
             p = self.params(sample_id, view_id, img.shape[-2], img.shape[-1])
             out = img[:, p.top : p.top + p.height, p.left : p.left + p.width]
             out = _resize(out, self.size, self.size)
+            out = out.flip(-1) if p.flip else out
         else:
             p = self.params(sample_id, view_id, self.size, self.size)
             out = _shifted(self._base(img).numpy(), p.top - self.pad, p.left - self.pad)
             out = torch.from_numpy(np.ascontiguousarray(out[:, :, ::-1] if p.flip else out))
-            return self._normalise(out)
-        if p.flip:
-            out = out.flip(-1)
+        if self.ra_ops:
+            ops = randaugment.choose(rng_for(self.seed, _RA_SALT, sample_id, view_id), self.ra_ops)
+            out = randaugment.apply(out, ops, self.ra_magnitude)
         return self._normalise(out)
 
     def plain(self, img: torch.Tensor) -> torch.Tensor:
