@@ -39,6 +39,7 @@ from torch import nn
 
 from common.errors import ModelFileError
 from common.models import build_model
+from common.models.fold import restructure
 from common.precision import match_state_precision
 
 MODEL_FILE, SPEC_FILE = "model.safetensors", "model.json"
@@ -59,9 +60,14 @@ def model_spec(name: str, num_classes: int, kwargs: dict | None = None, widths=N
 
 
 def build_from_spec(spec: dict) -> nn.Module:
-    return build_model(
+    """The architecture `spec` describes; `folded_bn` (export's deployment model) lists the
+    (conv, bn) pairs whose BN lives in the conv's weights."""
+    model = build_model(
         spec["name"], spec["num_classes"], widths=spec.get("widths"), **spec.get("kwargs", {})
     )
+    if spec.get("folded_bn"):
+        restructure(model, [tuple(p) for p in spec["folded_bn"]])
+    return model
 
 
 def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -167,7 +167,10 @@ class LoggingConfig:
     entity: str | None = None
     """wandb entity (team); None uses the account default."""
     progress: bool = True
-    """Progress bar on rank 0."""
+    """Progress on rank 0: a tqdm bar on a terminal; where the output is not a terminal
+    (SLURM .out files, CI, nohup) plain lines instead, no carriage returns."""
+    progress_every_s: Annotated[float, _n(0, open_lo=True)] = 60.0
+    """Without a terminal: a progress line at least this often (and at every 10%)."""
 
 
 @dataclass(kw_only=True)

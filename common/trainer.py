@@ -175,6 +175,12 @@ class Trainer:
                 str(resumed / SHARDED_DIR), tag="engine", load_lr_scheduler_states=False
             )
         self._stop_requested = False
+        # this epoch's running sums of the logged terms, on the device (float64, so that they
+        # equal the Python-float sums a checkpoint stores)
+        self._epoch_sums = {
+            k: torch.tensor(v, dtype=torch.float64, device=self.acc.device)
+            for k, v in self.state.epoch_sums.items()
+        }
 
     # -- public -------------------------------------------------------------------------------
 
@@ -221,22 +227,24 @@ class Trainer:
         self.sampler.set_epoch(epoch, start_step=in_epoch)
         loader = make_loader(self.splits.train, self.sampler, self.splits.num_workers)
         batches = iter(loader)
-        bar = self.log.progress(spe, f"epoch {epoch + 1}/{self.loop.epochs}", initial=in_epoch)
+        desc, images = f"epoch {epoch + 1}/{self.loop.epochs}", self.loop.batch_size
+        bar = self.log.progress(spe, desc, initial=in_epoch, images=images)
         try:
             for _ in range(in_epoch, spe):
                 if self.state.step >= self.total_steps:
                     break
                 logs = self._train_step(batches)
-                bar.update()
-                bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.3g}")
                 if self.state.step % self.loop.log_every == 0:
-                    logs = self._global_mean(logs)  # the global batch's, as one process logs
+                    # the only host sync of a step, and only every `log_every` steps
+                    logs = self._global_mean({k: float(v) for k, v in logs.items()})
+                    bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.3g}")
                     self._check_finite_loss(logs["loss"])
                     self.log.log({f"train/{k}": v for k, v in logs.items()}, step=self.state.step)
                     self.log.append_jsonl(
                         self.stage_dir / "steps.jsonl",
                         {"step": self.state.step, "time": time.time(), **logs},
                     )
+                bar.update()
                 every = self.loop.checkpoint_every_steps
                 if every and self.state.step % every == 0 and self.state.step % spe:
                     self._checkpoint()
@@ -246,7 +254,7 @@ class Trainer:
         finally:
             bar.close()
 
-    def _train_step(self, batches: Iterator) -> dict[str, float]:
+    def _train_step(self, batches: Iterator) -> dict[str, torch.Tensor | float]:
         lr = lr_at(
             self.state.step,
             self.loop.epochs * self.sampler.steps_per_epoch,
@@ -255,7 +263,7 @@ class Trainer:
         )
         set_lr(self.optimizer, lr)
         accum = self.loop.grad_accum
-        logs: dict[str, float] = {}
+        logs: dict = {}
         for micro in range(accum):
             batch = self._to_device(next(batches))
             sync = micro == accum - 1
@@ -271,8 +279,8 @@ class Trainer:
                     with self.acc.autocast():
                         terms = self.task.losses(self.model, batch)
                     self.acc.backward(terms["loss"] / accum)
-            for k, v in terms.items():
-                logs[k] = logs.get(k, 0.0) + float(v.detach()) / accum
+            for k, v in terms.items():  # device tensors: no host sync per step
+                logs[k] = logs.get(k, 0.0) + v.detach().to(torch.float64) / accum
         if self.acc.mixed_precision == "fp16":  # never under DeepSpeed (refused there)
             self.acc.unscale_gradients()
         logs.update(self.task.after_backward(self.unwrapped))
@@ -287,9 +295,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         logs["lr"] = lr
-        sums = self.state.epoch_sums
+        sums = self._epoch_sums
         for k, v in logs.items():
-            sums[k] = sums.get(k, 0.0) + v
+            v = torch.as_tensor(v, dtype=torch.float64, device=self.acc.device)
+            sums[k] = sums[k] + v if k in sums else v
         self.state.epoch_steps += 1
         return logs
 
@@ -304,10 +313,10 @@ class Trainer:
     def _end_epoch(self, start: float) -> None:
         epoch = (self.state.step - 1) // self.sampler.steps_per_epoch
         record: dict = {"epoch": epoch + 1, "step": self.state.step}
-        sums, n = self.state.epoch_sums, max(self.state.epoch_steps, 1)
-        means = self._global_mean({k: v / n for k, v in sums.items()})
+        sums, n = self._epoch_sums, max(self.state.epoch_steps, 1)
+        means = self._global_mean({k: float(v) / n for k, v in sums.items()})
         record.update({f"train_{k}": v for k, v in means.items()})
-        self.state.epoch_sums, self.state.epoch_steps = {}, 0
+        self._epoch_sums, self.state.epoch_steps = {}, 0
         self._check_finite_weights(epoch + 1)
         last = self.state.step >= self.total_steps
         if last or (epoch + 1) % self.loop.eval_every == 0:
@@ -343,6 +352,7 @@ class Trainer:
     def _checkpoint(self, elapsed: float | None = None) -> None:
         if elapsed is not None:
             self.state.elapsed_s = elapsed
+        self.state.epoch_sums = {k: float(v) for k, v in self._epoch_sums.items()}
         self.state.wandb_id = self.log.run_id or self.state.wandb_id
         if self.deepspeed:  # every rank writes its ZeRO shard
             self.ckpt.save(

@@ -32,12 +32,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     stages = "\n".join(f"  {s.name:<13} {s.help}" for s in STAGES)
     commands = "\n".join(f"  {k:<13} {v}" for k, v in COMMANDS.items())
     parser = argparse.ArgumentParser(
-        prog="python -m launch",
+        prog="kdslim",
         description="Distil a teacher ensemble into a small student, then slim it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"stages (STAGE runs all its instances, STAGE:INSTANCE one):\n{stages}\n\n"
-        f"commands:\n{commands}\n\nexample: python -m launch train --config "
-        "configs/quickstart.yaml train.loop.epochs=3",
+        f"commands:\n{commands}\n\nexample: kdslim train --config configs/quickstart.yaml "
+        "train.loop.epochs=3\n(`python -m launch` is the same command)",
     )
     parser.add_argument("target", metavar="STAGE|COMMAND", help="a stage or a command below")
     parser.add_argument("--config", "-c", help="YAML run configuration (see configs/)")
@@ -53,6 +53,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`kdslim ...` (the console script) and `python -m launch ...`."""
     args = parse(sys.argv[1:] if argv is None else argv)
     if args.target == "models":
         from common.models import list_models

@@ -1,9 +1,13 @@
 """Export the final student for deployment: safetensors + spec, TorchScript and ONNX.
 
-Every format is loaded back and run on the same random batch as the PyTorch model; the
-largest absolute output difference must stay within `pipeline.export_atol`. The files are
-written into a temporary directory inside the stage directory and moved into place when all
-are done and checked, with the check results in `export.json` (moved last).
+The deployment formats (TorchScript, ONNX, `model_fused/`) hold the model with every BatchNorm
+folded into the convolution before it (`common.models.fold`): one op where there were two,
+which is where a pruned network's latency is lost to per-op overhead. `model/` keeps the
+trainable form (BN separate), for fine-tuning further. Every format is loaded back and run on
+the same random batch as the PyTorch model; the largest absolute output difference must stay
+within `pipeline.export_atol`. The files are written into a temporary directory inside the
+stage directory and moved into place when all are done and checked, with the check results in
+`export.json` (moved last).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from common.checkpoint import MODEL_FILE, SPEC_FILE, atomic_dir, load_model, wri
 from common.data import build_splits
 from common.errors import KdslimError
 from common.logging import write_json
+from common.models.fold import fold_batchnorm
 
 
 def input_spec(cfg) -> tuple[tuple[int, int, int], dict]:
@@ -51,15 +56,22 @@ def export_student(cfg, model_dir: Path, out: Path) -> dict:
     (tmp / "model").mkdir()
     write_model_files(tmp / "model", model, spec)
     checks = {"safetensors": _check(load_model(tmp / "model")[0].eval(), x, ref, p.export_atol)}
+    fused, pairs = fold_batchnorm(model)
+    (tmp / "model_fused").mkdir()
+    write_model_files(tmp / "model_fused", fused, {**spec, "folded_bn": pairs})
+    checks["safetensors_fused"] = _check(
+        load_model(tmp / "model_fused")[0].eval(), x, ref, p.export_atol
+    )
+    checks["safetensors_fused"]["folded_bn"] = len(pairs)
 
     with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export,
         warnings.simplefilter("ignore", FutureWarning)  # but remains the portable C++ format
-        traced = torch.jit.trace(model, x)
+        traced = torch.jit.trace(fused, x)
         torch.jit.save(traced, str(tmp / "model.torchscript.pt"))
         loaded = torch.jit.load(str(tmp / "model.torchscript.pt"))
     checks["torchscript"] = _check(loaded, x, ref, p.export_atol)
 
-    checks["onnx"] = _export_onnx(model, x, tmp / "model.onnx", p.onnx_opset)
+    checks["onnx"] = _export_onnx(fused, x, tmp / "model.onnx", p.onnx_opset)
     if checks["onnx"]["runtime"] == "onnxruntime":
         sess = _ort_session(tmp / "model.onnx")
         for name, (inp, want) in {"": (x, ref), "_other_batch": (x_other, ref_other)}.items():
@@ -78,6 +90,7 @@ def export_student(cfg, model_dir: Path, out: Path) -> dict:
         "files": {
             "safetensors": f"model/{MODEL_FILE}",
             "spec": f"model/{SPEC_FILE}",
+            "safetensors_fused": f"model_fused/{MODEL_FILE}",
             "torchscript": "model.torchscript.pt",
             "onnx": "model.onnx",
         },

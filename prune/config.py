@@ -22,6 +22,10 @@ DEFAULT_SHRINK = 0.6
 = 1e-4 x 6,600 = 0.66, about its initial |gamma| of 0.5."""
 
 
+ROUND_TO = 8
+"""Default `prune.round_to` (BENCHMARKS.md, "Latency after pruning")."""
+
+
 @dataclass(kw_only=True)
 class SparsityConfig:
     """`sparsity`: train with L1 on every BatchNorm scale (Liu et al. 2017, eq. 1)."""
@@ -97,6 +101,12 @@ class PruneConfig:
     min_channels_ratio: Annotated[float, Range(ge=0, le=1)] = 0.1
     """Per-layer floor: every BN keeps at least this fraction of its channels (and >= 1),
     so no layer vanishes (NS issues #27, #62, #80)."""
+    round_to: POSITIVE_INT = ROUND_TO
+    """Kept widths rounded to a multiple of this (coupled groups as one), to the nearest
+    multiple but never under the floor: widths such as 157 or 117 fall off the SIMD and GEMM
+    tiles, so a pruned net's latency falls less than its MACs. The threshold search of
+    `target: macs|params` counts the rounding. metrics.json `per_layer` gives requested and
+    rounded widths. 1: no rounding (NS)."""
     latency_batches: Annotated[tuple[int, ...], Range(ge=1)] = (1, 64)
     """Batch sizes of the CPU latency measurement (before and after)."""
     latency_repeats: POSITIVE_INT = 20

@@ -133,7 +133,7 @@ class SparsityTask:
             if add_l1_subgradient(model, s) == 0:
                 raise RuntimeError("the L1 subgradient reached no BatchNorm layer")
             with torch.no_grad():
-                logs["l1"] = s * float(l1_of_gammas(model))
+                logs["l1"] = s * l1_of_gammas(model).detach().double()  # read when logged
         logs["s"] = s
         self.step += 1
         if self.on_epoch_end is not None and self.step % self.steps_per_epoch == 0:

@@ -65,6 +65,8 @@ def latency_ms(
             for i in range(warmup + repeats):
                 t0 = time.perf_counter()
                 model(x)
+                if x.is_cuda:
+                    torch.cuda.synchronize()
                 if i >= warmup:
                     times.append((time.perf_counter() - t0) * 1e3)
     finally:

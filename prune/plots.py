@@ -29,7 +29,8 @@ def gamma_histogram(gammas: torch.Tensor, path: str | Path, title: str, bins: in
 
 
 def widths_plot(per_layer: dict[str, dict[str, int]], path: str | Path, title: str) -> Path:
-    """Bar plot of kept vs total channels per BN layer."""
+    """Bar plot of kept vs total channels per BN layer; a tick marks the width the threshold
+    asked for where rounding (`prune.round_to`) changed it."""
     names = list(per_layer)
     total = [per_layer[n]["total"] for n in names]
     kept = [per_layer[n]["kept"] for n in names]
@@ -37,6 +38,9 @@ def widths_plot(per_layer: dict[str, dict[str, int]], path: str | Path, title: s
     x = range(len(names))
     ax.bar(x, total, color="lightgray", label="before")
     ax.bar(x, kept, color="tab:green", label="kept")
+    asked = [per_layer[n].get("requested", per_layer[n]["kept"]) for n in names]
+    if asked != kept:
+        ax.scatter(list(x), asked, marker="_", s=60, color="black", label="before rounding")
     ax.set_xticks(list(x))
     ax.set_xticklabels(names, rotation=90, fontsize=6)
     ax.set_ylabel("channels")

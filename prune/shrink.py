@@ -30,6 +30,7 @@ Three steps, each its own function:
 from __future__ import annotations
 
 import copy
+import math
 from collections import defaultdict
 
 import torch
@@ -88,10 +89,46 @@ def _grouped_conv_ties(dg: tp.DependencyGraph, group, c: int) -> torch.Tensor:
     return torch.tensor([find(r) for r in range(c)], dtype=torch.long)
 
 
+def round_width(
+    keep: torch.Tensor, score: torch.Tensor, tie: torch.Tensor, multiple: int, floor: int
+) -> torch.Tensor:
+    """`keep` (bool [C]) changed to the multiple of `multiple` nearest its count (never under
+    `floor`, never over C), adding the unkept channels of largest `score` or dropping the kept
+    ones of smallest. Channels tied together (`tie`: representative of each) move as one
+    set, so with tied sets the width lands as near the multiple as their size allows."""
+    c, n = keep.numel(), int(keep.sum())
+    target = multiple * math.floor(n / multiple + 0.5)
+    if target < floor:
+        target = multiple * math.ceil(floor / multiple)
+    target = min(max(target, multiple), c)
+    sets: dict[int, list[int]] = defaultdict(list)
+    for ch, rep in enumerate(tie.tolist()):
+        sets[rep].append(ch)
+    best = {rep: max(float(score[ch]) for ch in chans) for rep, chans in sets.items()}
+    keep = keep.clone()
+    on = sorted((r for r in sets if keep[r]), key=lambda r: best[r])  # weakest first
+    off = sorted((r for r in sets if not keep[r]), key=lambda r: -best[r])  # strongest first
+    while n < target and off:
+        rep = off.pop(0)
+        keep[sets[rep]] = True
+        n += len(sets[rep])
+    while on and n - len(sets[on[0]]) >= target:
+        rep = on.pop(0)
+        keep[sets[rep]] = False
+        n -= len(sets[rep])
+    return keep
+
+
 def coupled_masks(
-    model: nn.Module, dg: tp.DependencyGraph, masks: dict[str, torch.Tensor]
+    model: nn.Module,
+    dg: tp.DependencyGraph,
+    masks: dict[str, torch.Tensor],
+    round_to: int = 1,
+    floor_ratio: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """Per-BN keep masks made consistent over coupled channels (see the module docstring)."""
+    """Per-BN keep masks made consistent over coupled channels (see the module docstring);
+    with `round_to` > 1 each coupled group's width then rounded to a multiple of it
+    (`round_width`), never under the per-layer floor of `floor_ratio` of its channels."""
     names = {m: n for n, m in model.named_modules()}
     decided = {n: masks[n].clone() for n in masks}
     for name, bn in bn_layers(model):
@@ -114,6 +151,15 @@ def coupled_masks(
         for r in range(c):  # a tie set is kept if any member is
             keep[tie[r]] |= keep[r]
         keep = keep[tie]
+        if round_to > 1:
+            score = torch.zeros(c, dtype=torch.float64)  # a channel's largest |gamma|
+            for n, idxs, roots in bn_items:
+                g = model.get_submodule(n).weight.detach().abs().double().cpu()
+                for i, r in zip(idxs, roots):
+                    if r is not None:
+                        score[r] = max(float(score[r]), float(g[i]))
+            floor = max(1, math.ceil(floor_ratio * c))
+            keep = round_width(keep, score, tie, round_to, floor)
         for n, idxs, roots in bn_items:
             for i, r in zip(idxs, roots):
                 decided[n][i] = keep[r]
@@ -255,18 +301,26 @@ def slim(
     model: nn.Module,
     masks: dict[str, torch.Tensor],
     example_inputs: torch.Tensor,
+    round_to: int = 1,
+    floor_ratio: float = 0.0,
 ) -> tuple[nn.Module, dict[str, torch.Tensor], dict]:
-    """Prune a copy of `model` to the (to be coupled) per-BN keep `masks`.
+    """Prune a copy of `model` to the (to be coupled, and rounded to multiples of
+    `round_to`) per-BN keep `masks`.
 
     Returns (shrunk model, coupled masks in the original indexing, report). The input model
     is not modified. `example_inputs` ([N, 3, H, W], N >= 2) trace the graph and read the
-    constant channels.
+    constant channels. The report's `requested` gives each BN's coupled width before
+    rounding.
     """
     require_bn(model, "prune.init")
     pruned = copy.deepcopy(model).eval()
     dg = build_graph(pruned, example_inputs[:1])
-    final = coupled_masks(pruned, dg, masks)
+    requested = coupled_masks(pruned, dg, masks)
+    final = requested
+    if round_to > 1:
+        final = coupled_masks(pruned, dg, requested, round_to, floor_ratio)
     apply_masks(pruned, final)
     consts = constant_inputs(pruned, example_inputs)
     report = shrink(pruned, dg, final, consts)
+    report["requested"] = {n: int(k.sum()) for n, k in requested.items()}
     return pruned, final, report

@@ -28,9 +28,10 @@ def measure_fn(target: str, input_shape: tuple[int, int, int]) -> Callable[[nn.M
     return count_params
 
 
-def removed_share(model, threshold, floor, example, measure, base) -> float:
+def removed_share(model, threshold, floor, example, measure, base, round_to=1) -> float:
     """Share of `measure` the network loses when pruned at `threshold`."""
-    pruned, _, _ = slim(model, layer_keep_masks(model, threshold, floor), example)
+    masks = layer_keep_masks(model, threshold, floor)
+    pruned, _, _ = slim(model, masks, example, round_to, floor)
     return 1.0 - measure(pruned) / base
 
 
@@ -40,9 +41,10 @@ def threshold_for(
     ratio: float,
     floor: float,
     example: torch.Tensor,
+    round_to: int = 1,
 ) -> float:
     """The global threshold (channels with |gamma| <= it are removed) for `ratio` of `target`
-    (`channels`, `macs` or `params`)."""
+    (`channels`, `macs` or `params`), widths rounded to multiples of `round_to`."""
     gammas = all_gammas(model)
     if target == "channels":
         return global_threshold(gammas, ratio)
@@ -50,7 +52,7 @@ def threshold_for(
     base = measure(model)
     candidates = torch.unique(gammas).tolist()  # ascending
     lo, hi = 0, len(candidates) - 1
-    most = removed_share(model, candidates[hi], floor, example, measure, base)
+    most = removed_share(model, candidates[hi], floor, example, measure, base, round_to)
     if most < ratio:
         raise ConfigError(
             f"`prune.ratio` {ratio} of the {target} cannot be removed: with the per-layer "
@@ -59,7 +61,8 @@ def threshold_for(
         )
     while lo < hi:
         mid = (lo + hi) // 2
-        if removed_share(model, candidates[mid], floor, example, measure, base) >= ratio:
+        share = removed_share(model, candidates[mid], floor, example, measure, base, round_to)
+        if share >= ratio:
             hi = mid
         else:
             lo = mid + 1

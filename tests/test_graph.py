@@ -3,6 +3,8 @@ and the keys that decide freshness."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from common.config import ConfigError, load_config
 from launch import freshness, graph
 from launch.config import Config
 from launch.graph import Node
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, cli_env, run_cli
 
 
 def cfg(*overrides: str):
@@ -24,6 +26,21 @@ def test_help_lists_the_graph_stages_and_only_them():
         assert f"  {stage.name} " in out and stage.help[:30] in out
     assert "pipeline" in out and "plan" in out and "models" in out
     bad = run_cli("distil", "--config", "configs/quickstart.yaml", check=False)
+    assert bad.returncode == 2 and "unknown stage `distil`" in bad.stderr
+
+
+def test_console_script_is_the_same_command():
+    """`kdslim` (pyproject's [project.scripts]) next to the environment's python."""
+    script = Path(sys.executable).parent / "kdslim"
+    assert script.is_file(), "install the package (`make install`) to get the console script"
+
+    def kdslim(*args: str) -> subprocess.CompletedProcess:
+        cmd = [str(script), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), cwd=ROOT)
+
+    models = kdslim("models")
+    assert models.returncode == 0 and models.stdout == run_cli("models").stdout
+    bad = kdslim("distil", "--config", "configs/quickstart.yaml")
     assert bad.returncode == 2 and "unknown stage `distil`" in bad.stderr
 
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from common.checkpoint import load_model, model_spec, save_model
 from common.config import ConfigError
 from common.models import (
     apply_widths,
@@ -19,6 +20,7 @@ from common.models import (
     register_model,
 )
 from common.models import registry as registry_mod
+from common.models.fold import fold_batchnorm
 
 REQUIRED = {
     "cifar_resnet18",
@@ -303,3 +305,46 @@ def test_weights_bad_keys_and_missing_file(tmp_path) -> None:
 
     with pytest.raises(FileNotFoundError, match=r"nope\.safetensors"):
         build_model("cifar_resnet20", 10, weights=tmp_path / "nope.safetensors")
+
+
+FOLD_ALL = ["cifar_vgg11", "cifar_resnet20", "cifar_mobilenetv3_small"]
+"""Families whose every BatchNorm follows a convolution."""
+
+
+@pytest.mark.parametrize(
+    "name", [*FOLD_ALL, "cifar_airnet", "cifar_preresnet110", "cifar_densenet40"]
+)
+def test_batchnorm_folds_into_the_conv_before_it(name: str, tmp_path) -> None:
+    """Folded outputs equal the unfolded eval-mode model's (float64: to rounding), every BN
+    that follows a conv is gone (pre-activation BNs stay), and the folded model round-trips
+    through save_model / load_model by its spec."""
+    model = build_model(name, 10).double()
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():  # non-trivial statistics and affine terms
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
+            m.running_var.copy_(torch.rand(c, generator=gen, dtype=torch.float64) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
+                m.bias.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
+    model.eval()
+    x = torch.randn(3, 3, 32, 32, generator=gen, dtype=torch.float64)
+    fused, pairs = fold_batchnorm(model)
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    left = [n for n, m in fused.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(left) == len(bns) - len(pairs)
+    if name in FOLD_ALL:
+        assert left == []
+    elif name == "cifar_densenet40":  # BN-ReLU-conv throughout: no BN follows a conv
+        assert pairs == []
+    else:  # a BN after an addition, a concatenation (pre-activation) or a max-pool (airnet:
+        # a negative scale does not commute with max) has no conv to go into
+        assert 0 < len(left) < len(bns)
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(fused(x), ref, rtol=1e-10, atol=1e-10)
+    spec = {**model_spec(name, 10), "folded_bn": pairs}
+    loaded, _ = load_model(save_model(tmp_path / "fused", fused, spec))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.double().eval()(x), ref, rtol=1e-10, atol=1e-10)

@@ -148,7 +148,7 @@ def test_export_matches_pytorch(run_dir):
     out, _ = run_dir
     e = json.loads((out / "export" / "export.json").read_text())
     assert e["ok"] and e["source"] == str(out / "finetune" / "model")
-    assert set(e["checks"]) == {"safetensors", "torchscript", "onnx"}
+    assert set(e["checks"]) == {"safetensors", "safetensors_fused", "torchscript", "onnx"}
     # pipeline.export_atol: TorchScript and onnxruntime are other float32 kernels for the
     # same graph; ~1e-6 apart on logits of size ~10, 1e-4 is the documented export bound
     assert all(c["ok"] and c["max_abs_diff"] <= 1e-4 for c in e["checks"].values())
@@ -162,6 +162,13 @@ def test_export_matches_pytorch(run_dir):
         ref = model(x)
         ts = torch.jit.load(str(out / "export" / "model.torchscript.pt"))(x)
     assert torch.allclose(ts, ref, atol=1e-4)
+    # the deployment graph has BatchNorm folded into the convolutions before it
+    fused, spec = load_model(out / "export" / "model_fused")
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(spec["folded_bn"]) == e["checks"]["safetensors_fused"]["folded_bn"] > 0
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules()) == len(bns) - len(
+        spec["folded_bn"]
+    )
     ort = pytest.importorskip("onnxruntime")
     sess = ort.InferenceSession(
         str(out / "export" / "model.onnx"), providers=["CPUExecutionProvider"]

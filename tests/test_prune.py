@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -86,6 +87,37 @@ def test_shrunk_equals_masked(family):
     with torch.no_grad():
         want, got = masked(x), shrunk(x)
     # float64: the two networks differ only in summation order and the folded constants
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9 * max(scale, 1.0))
+
+
+@pytest.mark.parametrize(
+    "family", ["vgg", "resnet", "resnet_bottleneck", "resnext", "mobilenetv3", "densenet_bc"]
+)
+def test_round_to_gives_multiples_keeps_coupling_and_shrunk_equals_masked(family):
+    """`prune.round_to`: every coupled width a multiple of 4 (or the layer's whole width)
+    within half a multiple of what the threshold asked for (or up to the floor), and the
+    shrunk network still equals the masked one. DenseNet's concatenations share a producer's
+    channels between BNs of different widths, so there only the equality is promised."""
+    torch.manual_seed(0)
+    model = replicate_padding(randomise_bn(FAMILIES[family]())).double()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    masks = layer_keep_masks(model, global_threshold(all_gammas(model), 0.5), 0.1)
+    shrunk, final, report = slim(model, masks, x, round_to=4, floor_ratio=0.1)
+    masked = apply_masks(copy.deepcopy(model), final)
+    rounded = 0
+    for name, bn in bn_layers(shrunk):
+        kept, total, asked = bn.num_features, len(final[name]), report["requested"][name]
+        assert kept == int(final[name].sum())
+        if family != "densenet_bc":
+            ties = 4 if family == "resnext" else 1  # a grouped conv's channels move together
+            assert kept % 4 == 0 or kept == total, (name, kept)
+            assert abs(kept - asked) <= 2 + ties or kept <= math.ceil(0.1 * total) + 3
+            rounded += kept != asked
+    assert family == "densenet_bc" or rounded > 0, "nothing needed rounding: a vacuous test"
+    assert count_params(shrunk) < count_params(model)
+    with torch.no_grad():
+        want, got = masked(x), shrunk(x)
     scale = want.abs().max().item()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-9 * max(scale, 1.0))
 
@@ -270,6 +302,8 @@ def test_prune_target_is_met_within_one_channel_group(family, target):
     assert len(below) and removed_share(model, float(below[-1]), 0.1, x, measure, base) < 0.5
     with pytest.raises(ConfigError, match="prune.ratio"):  # beyond what the floors allow
         threshold_for(model, target, 0.99, 0.5, x)
+    t8 = threshold_for(model, target, 0.5, 0.1, x, round_to=8)  # the search counts rounding
+    assert removed_share(model, t8, 0.1, x, measure, base, round_to=8) >= 0.5
 
 
 def test_residual_channel_ratio_removes_less_than_it_says():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -120,9 +121,18 @@ def test_cli_train_on_digits_learns_and_saves_a_rebuildable_model(tmp_path):
         str(ROOT / "tests/configs/base.yaml"),
         f"run.out_dir={tmp_path}",
         "train.loop.epochs=3",
-        "logging.progress=false",
+        "logging.progress=true",
     )
     assert f"[{T.replace('/', ':')}] done" in proc.stdout
+    # not a terminal (as a SLURM .out file): whole progress lines on stdout, no bar frames
+    assert "\r" not in proc.stdout + proc.stderr
+    lines = re.findall(
+        r"^epoch (\d)/3: (\d+)/20 \(\d+%\)(?:, loss [\d.]+, lr \S+)?, \S+ steps/s, "
+        r"\d+ images/s, ETA \S+$",
+        proc.stdout,
+        flags=re.M,
+    )
+    assert {e for e, _ in lines} == {"1", "2", "3"} and ("3", "20") in lines
     metrics = json.loads((tmp_path / T / "metrics.json").read_text())
     assert metrics["selected"]["test_acc"] > 0.8  # chance is 0.1
     assert metrics["splits"] == {"train": 1294, "val": 144, "test": 359}

@@ -138,7 +138,7 @@ class ShardWriter:
         lo, hi = self.plan.rows(index)
         parts_dir = self.root / "parts" / name
         starts = list(range(lo, hi, self.part_rows))
-        bar = self.log.progress(hi - lo, f"cache {name}")
+        bar = self.log.progress(hi - lo, f"cache {name}", unit="rows")
         stats: list[dict] = []
         for p, start in enumerate(starts):
             part = parts_dir / f"part-{p:05d}"
@@ -159,7 +159,12 @@ class ShardWriter:
         keys = list(zip(sample_ids.tolist(), view_ids.tolist()))
         bs = self.plan.batch_size
         batches = [keys[i : i + bs] for i in range(0, len(keys), bs)]
-        columns: dict[str, list[np.ndarray]] = {}
+        # each column's buffer for the whole part, allocated once and filled batch by batch:
+        # collecting per-batch arrays instead interleaves small long-lived allocations with
+        # the batch's large temporaries, and glibc's heap then grows by ~3.5 kB a row (2.3 GB
+        # for a part of 262,144 ImageNet rows; BENCHMARKS.md, cache at ImageNet scale)
+        columns: dict[str, np.ndarray] = {}
+        filled = 0
         counts = np.zeros(len(self.ensemble.teachers) + 2, dtype=np.int64)
         with torch.inference_mode():
             for batch in make_loader(self.dataset, batches, self.num_workers):
@@ -172,9 +177,12 @@ class ShardWriter:
                 counts[-2] += int((target.argmax(-1) == labels).sum())
                 counts[-1] += len(labels)
                 for k, v in self._encode(target, per).items():
-                    columns.setdefault(k, []).append(v)
+                    if k not in columns:
+                        columns[k] = np.empty((end - start, *v.shape[1:]), v.dtype)
+                    columns[k][filled : filled + len(v)] = v
+                filled += len(labels)
                 bar.update(len(labels))
-        table = pa.table({k: pa.concat_arrays(v) for k, v in columns.items()})
+        table = pa.table({k: _arrow(v) for k, v in columns.items()})
         tmp = part.with_name(f".{part.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         datasets.Dataset(table).save_to_disk(str(tmp))
@@ -191,8 +199,9 @@ class ShardWriter:
         self.rows_written += end - start
         return stats
 
-    def _encode(self, target: torch.Tensor, per: torch.Tensor) -> dict:
-        """One batch's columns. No keys: a row's position is its key (see layout)."""
+    def _encode(self, target: torch.Tensor, per: torch.Tensor) -> dict[str, np.ndarray]:
+        """One batch's columns ([B] or [B, K] arrays). No keys: a row's position is its key
+        (see layout)."""
         cols = {}
         if self.storage["mode"] == "full":
             cols["logits"] = self._floats(target)
@@ -202,20 +211,16 @@ class ShardWriter:
             # log-probabilities: the softmax at any temperature ignores the logsumexp, and
             # the tail's mass at T = 1 is what the k values leave of 1
             logp, idx = torch.log_softmax(target, -1).topk(self.storage["k"], dim=-1)
-            cols["topk_idx"] = _fixed_list(
-                idx.numpy().astype(self.storage["index_dtype"]),
-                pa.from_numpy_dtype(np.dtype(self.storage["index_dtype"])),
-            )
+            cols["topk_idx"] = idx.numpy().astype(self.storage["index_dtype"])
             cols["topk_logp"] = self._floats(logp)
         if self.storage["per_teacher"]:
             for t in range(per.shape[0]):
                 cols[f"t{t}_logits"] = self._floats(per[t])
         return cols
 
-    def _floats(self, values: torch.Tensor) -> pa.Array:
-        """[B, K] values as a fixed-size list column of `cache.logit_dtype`."""
-        arr = values.numpy().astype(self.logit_dtype)
-        return _fixed_list(arr, pa.from_numpy_dtype(self.logit_dtype))
+    def _floats(self, values: torch.Tensor) -> np.ndarray:
+        """[B, K] values in `cache.logit_dtype`."""
+        return values.numpy().astype(self.logit_dtype)
 
     def _finalise(self, index, name, lo, hi, parts: list[Path], stats: list[dict]) -> dict:
         final = self.root / name
@@ -290,7 +295,7 @@ def code_version() -> str:
     return f"kdslim-0.1.0+{rev}"
 
 
-def quantize(logits: torch.Tensor) -> dict[str, pa.Array]:
+def quantize(logits: torch.Tensor) -> dict[str, np.ndarray]:
     """Each row's logits as uint8 steps of its own range: `logits_q` [C] and float16
     `logits_lo`, `logits_step` (the row is lo + q * step, within half a step of the logits).
     Both are rounded to float16 before the steps are taken, so the reader's lo + q * step is
@@ -300,11 +305,13 @@ def quantize(logits: torch.Tensor) -> dict[str, pa.Array]:
     step = ((x.max(-1, keepdim=True).values - lo.double()) / 255).clamp(min=1e-4).half()
     q = torch.round((x - lo.double()) / step.double()).clamp_(0, 255).to(torch.uint8)
     return {
-        "logits_q": _fixed_list(q.numpy(), pa.uint8()),
-        "logits_lo": pa.array(lo[:, 0].numpy()),
-        "logits_step": pa.array(step[:, 0].numpy()),
+        "logits_q": q.numpy(),
+        "logits_lo": lo[:, 0].numpy(),
+        "logits_step": step[:, 0].numpy(),
     }
 
 
-def _fixed_list(arr: np.ndarray, typ: pa.DataType) -> pa.Array:
-    return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1), typ), arr.shape[1])
+def _arrow(arr: np.ndarray) -> pa.Array:
+    """A [N] array as a plain column, a [N, K] one as a fixed-size list column of K."""
+    flat = pa.array(arr.reshape(-1), pa.from_numpy_dtype(arr.dtype))
+    return flat if arr.ndim == 1 else pa.FixedSizeListArray.from_arrays(flat, arr.shape[1])

@@ -75,14 +75,20 @@ def run(cfg, inputs, ctx) -> dict:
 
     after = _size_and_speed(pruned, shape, pc, ctx.is_main)
     after.update(test_acc=rounds[-1]["test_acc_pruned"])  # before fine-tuning
+    requested = rounds[-1]["requested"]
     per_layer = {
-        name: {"kept": m.num_features, "total": original.get_submodule(name).num_features}
+        name: {
+            "kept": m.num_features,
+            "requested": requested.get(name, m.num_features),
+            "total": original.get_submodule(name).num_features,
+        }
         for name, m in bn_layers(pruned)
     }
     metrics = {
         "target": pc.target,
         "ratio": pc.ratio,
         "min_channels_ratio": pc.min_channels_ratio,
+        "round_to": pc.round_to,
         "threshold": rounds[-1]["threshold"],
         "separation": separation(all_gammas(original), rounds[0]["threshold"]),
         "conventions": CONVENTIONS,
@@ -121,23 +127,25 @@ def run(cfg, inputs, ctx) -> dict:
 def prune_round(acc, model: nn.Module, pc, ratio: float, example, rdir: Path):
     """One round: the agreed threshold for `ratio` of `pc.target`, coupled masks with floors,
     the shrunk model (checked identical on every rank) and the round's record."""
-    threshold = agreed_threshold(acc, model, pc.target, ratio, pc.min_channels_ratio, example)
-    masks = layer_keep_masks(model, threshold, pc.min_channels_ratio)
-    pruned, _, report = slim(model, masks, example)
+    floor = pc.min_channels_ratio
+    threshold = agreed_threshold(acc, model, pc.target, ratio, floor, example, pc.round_to)
+    masks = layer_keep_masks(model, threshold, floor)
+    pruned, _, report = slim(model, masks, example, pc.round_to, floor)
     record = {
         "ratio": ratio,
         "threshold": threshold,
         "macs": count_macs(pruned, tuple(example.shape[1:])),
         "params": count_params(pruned),
         "unfolded": report["unfolded"],
+        "requested": report["requested"],
         "state_sha256": check_identical(acc, pruned, rdir),
     }
     return pruned, record
 
 
-def agreed_threshold(acc, model, target: str, ratio: float, floor: float, example) -> float:
+def agreed_threshold(acc, model, target, ratio, floor, example, round_to=1) -> float:
     """Rank 0's global threshold, broadcast; every rank must find the same one."""
-    local = threshold_for(model, target, ratio, floor, example)
+    local = threshold_for(model, target, ratio, floor, example, round_to)
     if acc.num_processes == 1:
         return local
     value = torch.tensor([local if acc.is_main_process else 0.0], dtype=torch.float64)
