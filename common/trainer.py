@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from accelerate.utils import DistributedType, broadcast_object_list
 from torch import nn
 
+from common.bnstats import eval_collapse
 from common.checkpoint import SHARDED_DIR, CheckpointManager, atomic_dir, commit_dir, save_model
 from common.config import ConfigError, LoopConfig, RunConfig, identity_changes
 from common.data import ReplayBatchSampler, Splits, fresh_view_per_epoch, make_loader
@@ -175,6 +176,7 @@ class Trainer:
                 str(resumed / SHARDED_DIR), tag="engine", load_lr_scheduler_states=False
             )
         self._stop_requested = False
+        self._collapse_warned = False
         # this epoch's running sums of the logged terms, on the device (float64, so that they
         # equal the Python-float sums a checkpoint stores)
         self._epoch_sums = {
@@ -323,6 +325,7 @@ class Trainer:
             if self.splits.val is not None:
                 record.update({f"val_{k}": v for k, v in self.evaluate("val").items()})
             record.update({f"test_{k}": v for k, v in self.evaluate("test").items()})
+            self._warn_if_eval_collapsed()
             if self.selection == "val" and self._improves(record):
                 self.state.selected_epoch = epoch + 1
                 if self.acc.is_main_process:
@@ -339,6 +342,22 @@ class Trainer:
                 f"{record['test_acc']:.4f}"
             )
         self._checkpoint(elapsed=record["elapsed_s"])
+
+    def _warn_if_eval_collapsed(self) -> None:
+        """Say so once when eval-mode outputs are constant while train-mode ones are not
+        (stale BN statistics). Every rank runs the check: synchronised BN layers all-reduce
+        in train mode."""
+        if self._collapse_warned or self.deepspeed:
+            return
+        test = self.splits.test
+        images = torch.stack([test[(i, -1)]["image"] for i in range(min(len(test), 32))])
+        p = next(self.unwrapped.parameters())
+        images = images.to(p.device, p.dtype).contiguous(memory_format=self.memory_format)
+        with self._autocast():
+            message = eval_collapse(self.unwrapped, images)
+        if message:
+            self._collapse_warned = True
+            self.log.info(f"warning: {message}")
 
     def _improves(self, record: dict) -> bool:
         """Strictly better validation accuracy than the selected epoch (ties keep the earlier:

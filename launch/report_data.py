@@ -155,6 +155,9 @@ def _slim(cfg, m: dict) -> dict:
             "params": after.get("params"),
             "macs": after.get("macs"),
             "acc_before_finetune": after.get("test_acc"),
+            "acc_before_finetune_stale_bn": ((prune.get("rounds") or [{}])[-1]).get(
+                "test_acc_stale_bn"
+            ),
             "acc": chosen(finetune),
             "latency_ms": after.get("latency_ms"),
         },

@@ -52,8 +52,15 @@ def result_rows(r: dict) -> list[tuple[str, str, str, str, str]]:
             _num(s["baseline"]["macs"]),
             _lat(s["baseline"]["latency_ms"]),
         ),
+    ]
+    stale = s["pruned"].get("acc_before_finetune_stale_bn")
+    if stale is not None:  # EagleEye: the pruned net with the unpruned net's BN statistics
+        rows.append(("pruned, unpruned BN statistics", _acc(stale), "-", "-", "-"))
+    rows += [
         (
-            "pruned, before fine-tune",
+            "pruned, before fine-tune (BN recalibrated)"
+            if stale is not None
+            else "pruned, before fine-tune",
             _acc(s["pruned"]["acc_before_finetune"]),
             _num(s["pruned"]["params"]),
             _num(s["pruned"]["macs"]),

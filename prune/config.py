@@ -107,6 +107,13 @@ class PruneConfig:
     tiles, so a pruned net's latency falls less than its MACs. The threshold search of
     `target: macs|params` counts the rounding. metrics.json `per_layer` gives requested and
     rounded widths. 1: no rounding (NS)."""
+    recalibrate_bn: NON_NEGATIVE_INT = 20
+    """Batches of training images (of `recalibrate_batch_size`) over which the pruned
+    network's BN statistics are re-estimated before it is measured and saved (EagleEye's
+    adaptive BN: removing channels changes every later layer's input statistics, so the
+    unpruned network's are stale). metrics.json gives the accuracy before and after. 0: off."""
+    recalibrate_batch_size: POSITIVE_INT = 128
+    """Batch size of the recalibration passes."""
     latency_batches: Annotated[tuple[int, ...], Range(ge=1)] = (1, 64)
     """Batch sizes of the CPU latency measurement (before and after)."""
     latency_repeats: POSITIVE_INT = 20

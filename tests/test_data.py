@@ -309,3 +309,10 @@ def test_validation_split_is_carved_once_from_training_data():
     assert a.val[(3, 0)]["label"] == full.labels[val_ids[3]]
     none = build_splits(DataConfig(val_fraction=0.0), seed=0)
     assert none.val is None and len(none.train) == 1438
+
+
+def test_augment_none_training_view_is_the_plain_image():
+    """`augment: none` trains on the image itself (it was once shifted by `pad`)."""
+    ds = build_splits(DataConfig(name="digits", image_size=8, augment="none", pad=4), 0).train
+    for key in [(0, 0), (5, 3), (17, 1)]:
+        assert torch.equal(ds[key]["image"], ds[(key[0], -1)]["image"])

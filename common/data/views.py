@@ -86,7 +86,7 @@ class ViewRecipe:
                 else {}
             ),
             **({"randaugment": [self.ra_ops, self.ra_magnitude]} if self.ra_ops else {}),
-            "algorithm": 2,  # bump when the sampling code below changes
+            "algorithm": 3,  # bump when the sampling code below changes (3: `none` unshifted)
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
@@ -104,8 +104,8 @@ class ViewRecipe:
             rng = rng_for(self.seed, _VIEW_SALT, sample_id, view_id)
             flip = bool(self.hflip and rng.random() < 0.5)
             return _random_resized_crop(rng, height, width, self.scale, self.ratio, flip)
-        if self.kind == "none":
-            return ViewParams(0, 0, self.size, self.size, False)
+        if self.kind == "none":  # the image itself: the crop at the centre of the padding
+            return ViewParams(self.pad, self.pad, self.size, self.size, False)
         # cifar: three small integers straight from one 63-bit hash (a numpy Generator per
         # view cost more than the crop itself)
         h = mix(self.seed, _VIEW_SALT, sample_id, view_id)

@@ -19,6 +19,7 @@ import torch
 from accelerate.utils import broadcast
 from torch import nn
 
+from common.bnstats import recalibrate_bn
 from common.checkpoint import load_model, save_model
 from common.data import build_splits
 from common.evaluate import evaluate
@@ -53,13 +54,22 @@ def run(cfg, inputs, ctx) -> dict:
         dataset = getattr(splits, split)
         return evaluate(model.to(acc.device), dataset, acc, batch_size=256)["acc"]
 
+    def recalibrate(model: nn.Module) -> dict:
+        """EagleEye's adaptive BN: the accuracy with the unpruned net's statistics, then
+        statistics re-estimated on training batches (the same on every rank)."""
+        if not pc.recalibrate_bn:
+            return {}
+        stale = accuracy(model, "test")
+        used = recalibrate_bn(model, splits.train, pc.recalibrate_bn, pc.recalibrate_batch_size)
+        return {"test_acc_stale_bn": stale, "bn_recalibrated_on": used}
+
     before = _size_and_speed(original, shape, pc, ctx.is_main)
     before.update(test_acc=accuracy(original, "test"))
     per_round = round_ratio(pc.ratio, pc.iterative.rounds)
     current, rounds = original, []
     for k in range(pc.iterative.rounds):
         rdir = ctx.stage_dir if pc.iterative.rounds == 1 else ctx.stage_dir / f"round_{k + 1}"
-        pruned, record = prune_round(acc, current, pc, per_round, example, rdir)
+        pruned, record = prune_round(acc, current, pc, per_round, example, rdir, recalibrate)
         record.update(round=k + 1, test_acc_pruned=accuracy(pruned, "test"))
         rounds.append(record)
         ctx.logger.info(f"prune round {k + 1}: {record}")
@@ -124,13 +134,15 @@ def run(cfg, inputs, ctx) -> dict:
     return metrics
 
 
-def prune_round(acc, model: nn.Module, pc, ratio: float, example, rdir: Path):
+def prune_round(acc, model: nn.Module, pc, ratio: float, example, rdir: Path, settle=None):
     """One round: the agreed threshold for `ratio` of `pc.target`, coupled masks with floors,
-    the shrunk model (checked identical on every rank) and the round's record."""
+    the shrunk model (after `settle(model)`, which returns record entries: the BN
+    recalibration), checked identical on every rank, and the round's record."""
     floor = pc.min_channels_ratio
     threshold = agreed_threshold(acc, model, pc.target, ratio, floor, example, pc.round_to)
     masks = layer_keep_masks(model, threshold, floor)
     pruned, _, report = slim(model, masks, example, pc.round_to, floor)
+    settled = settle(pruned) if settle is not None else {}
     record = {
         "ratio": ratio,
         "threshold": threshold,
@@ -138,6 +150,7 @@ def prune_round(acc, model: nn.Module, pc, ratio: float, example, rdir: Path):
         "params": count_params(pruned),
         "unfolded": report["unfolded"],
         "requested": report["requested"],
+        **settled,
         "state_sha256": check_identical(acc, pruned, rdir),
     }
     return pruned, record
