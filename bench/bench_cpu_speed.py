@@ -5,7 +5,9 @@
 In one process, back to back and alternating over rounds (this machine is shared and noisy):
 - training steps/s of one model at one batch: float32 NCHW, float32 channels_last
   (`run.channels_last`), bf16 autocast (`run.mixed_precision=bf16`; fast only on CPUs with
-  AVX-512 bf16 or AMX, emulated elsewhere), each as a ratio to float32 NCHW;
+  AVX-512 bf16 or AMX, emulated elsewhere), `torch.compile` (inductor, default mode) of the
+  NCHW and channels_last models, each as a ratio to float32 NCHW (compilation happens in the
+  untimed warm-up steps of the first round and is reported apart);
 - training-view images/s of the data path: a PNG decode per read against the decoded-once
   memory-mapped file (`data.decode_once`), both through the replayable view recipe.
 Peak resident memory is reported beside the rates.
@@ -63,13 +65,28 @@ def main() -> None:
     args = p.parse_args()
 
     torch.manual_seed(0)
-    modes = {"float32": (False, False), "channels_last": (True, False), "bf16": (False, True)}
+    modes = {  # (channels_last, bf16, compile)
+        "float32": (False, False, False),
+        "channels_last": (True, False, False),
+        "bf16": (False, True, False),
+        "compile": (False, False, True),
+        "compile_channels_last": (True, False, True),
+    }
     x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
+    models = {}
+    compile_s = {}
+    for mode, (cl, _, comp) in modes.items():  # built (and compiled) once, timed every round
+        model = build_model(args.model, 10, **json.loads(args.kwargs))
+        model = model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        models[mode] = torch.compile(model) if comp else model
+        if comp:
+            t0 = time.perf_counter()
+            step_rate(models[mode], x, y, 1, cl, False)
+            compile_s[mode] = time.perf_counter() - t0
     rates: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(args.rounds):
-        for mode, (cl, bf16) in modes.items():
-            model = build_model(args.model, 10, **json.loads(args.kwargs))
-            rates[mode].append(step_rate(model, x, y, args.steps, cl, bf16))
+        for mode, (cl, bf16, _) in modes.items():
+            rates[mode].append(step_rate(models[mode], x, y, args.steps, cl, bf16))
     steps = {m: statistics.median(v) for m, v in rates.items()}
 
     paths = {}
@@ -91,6 +108,7 @@ def main() -> None:
                 "train_steps_per_s_each_round": rates,
                 "over_float32": {m: v / steps["float32"] for m, v in steps.items()},
                 "train_images_per_s": {m: v * args.batch for m, v in steps.items()},
+                "compile_seconds": compile_s,
                 "view_images_per_s": view_s,
                 "decode_once_over_per_read": view_s["decode_once"] / view_s["decode_per_read"],
                 "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -89,6 +89,11 @@ class RunConfig:
     channels_last: bool = False
     """NHWC memory format for the trained model and its images: ~1.4x faster convolutions with
     oneDNN on CPU (measured, BENCHMARKS.md) and with cuDNN on tensor-core GPUs."""
+    compile: bool = False
+    """torch.compile (inductor) of the trained model, through accelerate's dynamo backend:
+    the first steps compile (tens of seconds on CPU), later ones may run faster; measured step
+    ratios in BENCHMARKS.md ("CPU training speed"). Off by default: it pays only on long runs
+    and on some models."""
     dtype: Literal["float32", "float64"] = "float32"
     """Parameter and arithmetic precision. float64 is a debugging and testing mode (several
     times slower): N processes then equal one process to ~1e-12 (see common/precision.py)."""

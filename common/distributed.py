@@ -68,6 +68,7 @@ def build_accelerator(run: RunConfig) -> Accelerator:
     return Accelerator(
         cpu=cpu and not deepspeed,
         mixed_precision=mp,
+        dynamo_backend="inductor" if run.compile else "no",
         kwargs_handlers=[InitProcessGroupKwargs(**pg)],
         deepspeed_plugins=plugins,
     )

@@ -188,7 +188,9 @@ class Trainer:
 
     @property
     def unwrapped(self) -> nn.Module:
-        return self.acc.unwrap_model(self.model)
+        # the module itself, not its torch.compile wrapper (`run.compile`): checkpoints and
+        # saved models hold plain parameter names
+        return self.acc.unwrap_model(self.model, keep_torch_compile=False)
 
     @property
     def selection(self) -> str:

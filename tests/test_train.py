@@ -204,3 +204,16 @@ def test_diverging_run_fails_and_saves_nothing(tmp_path):
     assert "diverged" in proc.stderr and "train.loop.optim.lr" in proc.stderr
     node = tmp_path / T
     assert not any((node / f).exists() for f in ("model", "metrics.json", "key.json", "best"))
+
+
+@pytest.mark.slow
+def test_compiled_training_equals_eager(tmp_path):
+    """`run.compile`: the same 3 steps through inductor land on the eager run's weights (in
+    float64: to rounding, inductor fuses and reorders sums) and save plain state dicts."""
+    args = ["train", "--config", str(ROOT / "tests/configs/base.yaml"), *SMALL, *F64]
+    args += ["train.loop.epochs=1", "train.loop.max_steps=3", "logging.progress=false"]
+    run_cli(*args, f"run.out_dir={tmp_path / 'eager'}")
+    run_cli(*args, f"run.out_dir={tmp_path / 'compiled'}", "run.compile=true", timeout=900)
+    eager, compiled = weights(tmp_path / "eager" / T), weights(tmp_path / "compiled" / T)
+    assert eager.keys() == compiled.keys()  # no `_orig_mod.` prefixes
+    assert_same_weights(eager, compiled, 1e-9)
