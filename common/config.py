@@ -212,6 +212,10 @@ class ModelConfig:
     """Extra factory arguments."""
     weights: str | None = None
     """Local state dict (safetensors or torch) to start from; never downloaded."""
+    pretrained: str | None = None
+    """tv_ models: torchvision's weights by name (DEFAULT, IMAGENET1K_V1, ...) from the torch
+    hub cache ($TORCH_HOME/hub/checkpoints), downloaded there unless KDSLIM_OFFLINE=1 or
+    HF_HUB_OFFLINE=1; the head is re-initialised for the run's classes."""
 
 
 @dataclass(kw_only=True)

@@ -348,3 +348,29 @@ def test_batchnorm_folds_into_the_conv_before_it(name: str, tmp_path) -> None:
     loaded, _ = load_model(save_model(tmp_path / "fused", fused, spec))
     with torch.no_grad():
         torch.testing.assert_close(loaded.double().eval()(x), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_pretrained_torchvision_weights_come_from_the_hub_cache(tmp_path, monkeypatch):
+    """`pretrained` goes through torchvision's weights enum and the torch hub cache: a file
+    made here under the name torchvision expects is what gets loaded, the head re-initialised
+    for 7 classes; offline without the file, the error names where to put it."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("KDSLIM_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"resnet18-f37072fd\.pth.*hub/checkpoints"):
+        build_model("tv_resnet18", 7, pretrained="IMAGENET1K_V1")
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.manual_seed(123)
+    reference = torchvision.models.resnet18(num_classes=1000).state_dict()
+    torch.save(reference, cache / "resnet18-f37072fd.pth")
+    with pytest.warns(UserWarning, match=r"fc\.bias, fc\.weight"):
+        model = build_model("tv_resnet18", 7, pretrained="DEFAULT")  # DEFAULT = IMAGENET1K_V1
+    got = model.state_dict()
+    assert got["fc.weight"].shape == (7, 512)
+    assert all(torch.equal(got[k], v) for k, v in reference.items() if not k.startswith("fc."))
+    with pytest.raises(ConfigError, match="IMAGENET1K_V1"):
+        build_model("tv_resnet18", 7, pretrained="IMAGENET9K")
+    with pytest.raises(ConfigError, match="not a tv_ model"):
+        build_model("cifar_resnet20", 7, pretrained="DEFAULT")

@@ -22,6 +22,7 @@ from torch import nn
 from common.config import ConfigError
 from common.precision import match_state_precision
 
+from .pretrained import load_pretrained_torchvision
 from .widths import apply_widths
 
 __all__ = ["TV_PREFIX", "build_model", "list_models", "load_weights", "register_model"]
@@ -107,13 +108,17 @@ def build_model(
     *,
     widths: Mapping[str, Mapping[str, int]] | None = None,
     weights: str | os.PathLike[str] | None = None,
+    pretrained: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build registered model `name` (or torchvision's as ``tv_<name>``) for `num_classes`.
 
-    `kwargs` go to the factory. With `widths` (from `model_widths` of a pruned network) the
-    default network is resized by `apply_widths`; with `weights` a local state-dict file is then
-    loaded by `load_weights`. Raises ValueError for an unknown name, with the closest names.
+    `kwargs` go to the factory. With `pretrained` (a torchvision weights name such as
+    ``DEFAULT`` or ``IMAGENET1K_V2``; ``tv_`` models only) torchvision's weights are loaded from
+    the torch hub cache, the head sized for `num_classes` (`common.models.pretrained`). With
+    `widths` (from `model_widths` of a pruned network) the default network is resized by
+    `apply_widths`; with `weights` a local state-dict file is then loaded by `load_weights`.
+    Raises ValueError for an unknown name, with the closest names.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -132,6 +137,13 @@ def build_model(
             raise ConfigError(
                 f"model {name!r}: {e}; its kwargs are: {', '.join(params) or '(none)'}"
             ) from None
+    if pretrained is not None:
+        if not name.startswith(TV_PREFIX):
+            raise ConfigError(
+                f"`pretrained` loads torchvision weights: {name!r} is not a tv_ model (use "
+                f"`weights` with a local file)"
+            )
+        load_pretrained_torchvision(model, name[len(TV_PREFIX) :], pretrained)
     if widths is not None:
         apply_widths(model, widths)
     if weights is not None:

@@ -40,7 +40,9 @@ def run(cfg, inputs, ctx) -> dict:
         choose = replay_cached_views(cfg.cache.views, seed)
     s = d.student
     torch.manual_seed(seed)
-    student = build_model(s.name, splits.num_classes, weights=s.weights, **s.kwargs)
+    student = build_model(
+        s.name, splits.num_classes, weights=s.weights, pretrained=s.pretrained, **s.kwargs
+    )
     trainer = Trainer(
         ctx=ctx,
         run=dataclasses.replace(cfg.run, seed=seed),  # init, batch order, choice of views

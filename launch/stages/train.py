@@ -18,7 +18,9 @@ def run(cfg, inputs, ctx) -> dict:
     splits = build_splits(cfg.data, cfg.run.seed)
     m = member.model
     torch.manual_seed(member.seed)
-    model = build_model(m.name, splits.num_classes, weights=m.weights, **m.kwargs)
+    model = build_model(
+        m.name, splits.num_classes, weights=m.weights, pretrained=m.pretrained, **m.kwargs
+    )
     trainer = Trainer(
         ctx=ctx,
         run=dataclasses.replace(cfg.run, seed=member.seed),  # init and batch order
