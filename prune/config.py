@@ -22,7 +22,7 @@ DEFAULT_SHRINK = 0.6
 = 1e-4 x 6,600 = 0.66, about its initial |gamma| of 0.5."""
 
 
-ROUND_TO = 8
+ROUND_TO = 16
 """Default `prune.round_to` (BENCHMARKS.md, "Latency after pruning")."""
 
 
