@@ -175,7 +175,8 @@ class LoggingConfig:
     """Progress on rank 0: a tqdm bar on a terminal; where the output is not a terminal
     (SLURM .out files, CI, nohup) plain lines instead, no carriage returns."""
     progress_every_s: Annotated[float, _n(0, open_lo=True)] = 60.0
-    """Without a terminal: a progress line at least this often (and at every 10%)."""
+    """Without a terminal: a progress line this often, and at every 10% of a task that has
+    run this long (shorter tasks print only their summary)."""
 
 
 @dataclass(kw_only=True)

@@ -82,8 +82,9 @@ class _NoBar:
 class LineProgress:
     """Progress as whole lines, for output that is not a terminal: a bar's carriage-return
     frames pile up in a SLURM .out file, interleave with messages mid-line and, cut inside a
-    multi-byte block character, leave the file invalid UTF-8. One line at least every
-    `every_s` seconds and at every 10%, through the same writer as the messages:
+    multi-byte block character, leave the file invalid UTF-8. One line every `every_s` seconds
+    and, once the task has run that long, at every 10%, through the same writer as the
+    messages:
 
         epoch 3/10: 120/391 (30%), loss 1.2345, lr 0.1, 4.1 steps/s, 525 images/s, ETA 1m06s
     """
@@ -101,7 +102,8 @@ class LineProgress:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
-        if now - self.last_t >= self.every_s or self._tenth() > self.last_tenth:
+        long = now - self.t0 >= self.every_s  # short tasks stay quiet: their summary says it
+        if now - self.last_t >= self.every_s or (long and self._tenth() > self.last_tenth):
             self.last_t, self.last_tenth = now, self._tenth()
             self.write(self.line(now))
 

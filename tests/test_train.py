@@ -122,6 +122,7 @@ def test_cli_train_on_digits_learns_and_saves_a_rebuildable_model(tmp_path):
         f"run.out_dir={tmp_path}",
         "train.loop.epochs=3",
         "logging.progress=true",
+        "logging.progress_every_s=0.001",  # a line at every 10% even of these short epochs
     )
     assert f"[{T.replace('/', ':')}] done" in proc.stdout
     # not a terminal (as a SLURM .out file): whole progress lines on stdout, no bar frames
