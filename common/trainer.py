@@ -255,6 +255,8 @@ class Trainer:
                 if self._should_stop():
                     self._checkpoint()
                     raise Preempted(f"stopped at step {self.state.step}; checkpoint saved")
+            else:  # every batch taken: reaching the end shuts the loader workers down here,
+                next(batches, None)  # not in a later fork that inherits the iterator
         finally:
             bar.close()
 
