@@ -206,6 +206,11 @@ def place_frozen(
         return module.to(accelerator.device)
     import deepspeed
 
+    if any(p.dtype == torch.float64 for p in module.parameters()):
+        # ZeRO-3 partitions half, bfloat16 and float32 weights only (DeepSpeed 0.19 asserts)
+        module = module.float()
+        log("ZeRO-3 shards float32 weights only: the frozen teacher runs in float32")
+
     cfg = copy.deepcopy(accelerator.state.deepspeed_plugins[TEACHER_PLUGIN].deepspeed_config)
     for key in ("optimizer", "scheduler"):
         cfg.pop(key, None)

@@ -47,7 +47,8 @@ class Ensemble(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(target logits [B, C], per-teacher logits [T, B, C]), float32 (float64 for a
         float64 ensemble)."""
-        per = torch.stack([at_least_float32(t(images)) for t in self.teachers])
+        images = images.to(next(self.parameters()).dtype)  # float32 under ZeRO-3, see
+        per = torch.stack([at_least_float32(t(images)) for t in self.teachers])  # place_frozen
         return combine(per, self.mode), per
 
 

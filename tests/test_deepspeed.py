@@ -370,12 +370,15 @@ def test_zero3_shards_the_live_teacher_and_distills_like_one_process(
     assert local <= total / 2 * 1.01  # rank 0 keeps its half (plus alignment padding)
 
     one, zero3 = tmp_path / "one" / "distill" / "seed0", zero3_straight / "distill" / "seed0"
-    # the sharded float64 ensemble computes the same soft targets: same teacher accuracy and,
-    # before the student's first update, the same KL
+    # the sharded ensemble computes the same soft targets: same teacher accuracy and, before
+    # the student's first update, the same KL up to float32 rounding (ZeRO-3 shards float32
+    # weights only, so the frozen teacher runs in float32 in this float64 run: ~1e-7 relative
+    # measured, bounded by 2^-20)
     a, b = _metrics(one)["last"], _metrics(zero3)["last"]
     assert a["test_teacher_acc"] == b["test_teacher_acc"]
+    assert "the frozen teacher runs in float32" in (zero3_straight / "stdout").read_text()
     first = steps(one)[0]["kl"], steps(zero3)[0]["kl"]
-    assert abs(first[0] - first[1]) <= EXACT * first[0], first
+    assert abs(first[0] - first[1]) <= 2**-20 * first[0], first
     # the student trains under ZeRO-2, whose float32 master weights set the bound
     bound = float32_master_bound(weights(one), weights(tmp_path / "floor" / "distill" / "seed0"), 3)
     assert_same_weights(weights(one), weights(zero3), bound)
