@@ -255,7 +255,10 @@ def verdict(r: dict) -> list[str]:
         batch = max(lat, key=int) if lat else None
         parts = [f"params {_pct(s['params_ratio'])}", f"MACs {_pct(s['macs_ratio'])}"]
         if batch is not None:
-            parts.append(f"CPU latency {_pct(lat[batch])} (batch {batch})")
+            parts.append(
+                f"CPU latency {_pct(lat[batch])} (batch {batch}; latency kept / MACs kept "
+                f"{lat[batch] / s['macs_ratio']:.2f}, 1.00 if latency fell as far as MACs)"
+            )
         ref = s["unpruned_acc"]
         if p["acc"] is not None and ref is not None:
             parts.append(

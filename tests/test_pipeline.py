@@ -135,6 +135,8 @@ def test_report_has_every_field(run_dir):
     assert r["verdict"][0].startswith("ensemble of 2 teachers")
     assert r["verdict"][1].startswith("KD gain") and "over 2 seeds" in r["verdict"][1]
     assert r["verdict"][2].startswith("slimming: params -")
+    over = s["latency_ratio"]["1"] / s["macs_ratio"]  # how far latency fell against MACs
+    assert f"latency kept / MACs kept {over:.2f}" in r["verdict"][2]
     md = (out / "report" / "report.md").read_text()
     assert "## Verdict" in md and "173 training, 19 validation" in md
     for key in ("accuracy", "gamma_before", "gamma_after", "widths"):
