@@ -177,6 +177,7 @@ class Trainer:
             )
         self._stop_requested = False
         self._collapse_warned = False
+        self._collapse_images: torch.Tensor | None = None
         # this epoch's running sums of the logged terms, on the device (float64, so that they
         # equal the Python-float sums a checkpoint stores)
         self._epoch_sums = {
@@ -353,12 +354,14 @@ class Trainer:
         in train mode."""
         if self._collapse_warned or self.deepspeed:
             return
-        test = self.splits.test
-        images = torch.stack([test[(i, -1)]["image"] for i in range(min(len(test), 32))])
-        p = next(self.unwrapped.parameters())
-        images = images.to(p.device, p.dtype).contiguous(memory_format=self.memory_format)
+        if self._collapse_images is None:  # the same 32 test images every epoch, read once
+            test = self.splits.test
+            images = torch.stack([test[(i, -1)]["image"] for i in range(min(len(test), 32))])
+            p = next(self.unwrapped.parameters())
+            images = images.to(p.device, p.dtype).contiguous(memory_format=self.memory_format)
+            self._collapse_images = images
         with self._autocast():
-            message = eval_collapse(self.unwrapped, images)
+            message = eval_collapse(self.unwrapped, self._collapse_images)
         if message:
             self._collapse_warned = True
             self.log.info(f"warning: {message}")

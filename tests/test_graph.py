@@ -3,6 +3,7 @@ and the keys that decide freshness."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from common.config import ConfigError, load_config
 from launch import freshness, graph
+from launch.__main__ import COMMANDS
 from launch.config import Config
 from launch.graph import Node
 from tests.conftest import ROOT, cli_env, run_cli
@@ -42,6 +44,19 @@ def test_console_script_is_the_same_command():
     assert models.returncode == 0 and models.stdout == run_cli("models").stdout
     bad = kdslim("distil", "--config", "configs/quickstart.yaml")
     assert bad.returncode == 2 and "unknown stage `distil`" in bad.stderr
+
+
+def test_stage_names_used_outside_the_graph_are_the_graphs():
+    """The stage list is written once (`graph.STAGES`); code elsewhere names nodes by stage:
+    each such name must be one of the graph's, so a typo cannot silently find nothing."""
+    named = set()
+    for path in (ROOT / "launch").rglob("*.py"):
+        if path.name != "graph.py":
+            text = path.read_text()
+            named |= set(re.findall(r'Node\(\s*"([a-z-]+)"', text))
+            named |= set(re.findall(r'args\.target [!=]= "([a-z-]+)"', text))
+    named -= set(COMMANDS)  # pipeline, plan, models: commands, not stages
+    assert named and named <= set(graph.BY_NAME), named - set(graph.BY_NAME)
 
 
 def test_members_and_seeds_are_instances():

@@ -11,6 +11,7 @@ structure before loading the weights.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import torch
 import torch.fx
@@ -26,6 +27,7 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     except Exception:  # data-dependent control flow: nothing is folded
         return []
     mods = dict(model.named_modules())
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
@@ -36,8 +38,7 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
             and src.op == "call_module"
             and isinstance(mods.get(src.target), nn.Conv2d)
             and len(src.users) == 1
-            and sum(1 for n in graph.nodes if n.op == "call_module" and n.target == src.target)
-            == 1  # a conv called twice would need both calls followed by the same BN
+            and calls[src.target] == 1  # a conv called twice: both calls would need this BN
         ):
             pairs.append((src.target, node.target))
     return pairs
