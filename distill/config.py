@@ -23,7 +23,8 @@ class TeacherConfig:
     path: str | None = None
     """Model directory written by a stage, e.g. runs/x/train/cifar_resnet56-s0/model."""
     model: str | None = None
-    """Registry or tv_<torchvision> name, used with `weights` when `path` is not set."""
+    """Registry, tv_<torchvision> or timm_<timm> name, used with `weights` when `path` is
+    not set."""
     weights: str | None = None
     """Local state dict for `model` (safetensors or torch); never downloaded."""
     kwargs: dict[str, Any] = field(default_factory=dict)

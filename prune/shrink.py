@@ -14,17 +14,18 @@ Three steps, each its own function:
    channel emits the constant act(beta) (NS's view of a pruned channel).
 3. `shrink` removes the channels group by group with `Group.prune()`. Before a consumer
    conv/linear loses input channels, their constant contribution W * act(beta) is folded into
-   its bias, or, for bias-free convs feeding straight into a BN, into that BN's running_mean,
-   so the shrunk network equals the masked one in eval mode. The constant values are read
-   off the masked network itself (forward hooks), so any activation (ReLU, Hardswish, ...)
-   and pooling in between are handled. Exactness limits:
+   its bias, or, for bias-free convs feeding straight into a BN (timm's BatchNormAct2d too),
+   into that BN's running_mean, so the shrunk network equals the masked one in eval mode. The
+   constant values are read off the masked network itself (forward hooks), so any activation
+   (ReLU, Hardswish, ...) and pooling in between are handled. Exactness limits:
    - a kxk conv with zero padding sees the constant only inside the map: the fold is exact
      away from zero-padded borders (exact everywhere with replicate padding, as in the tests);
    - where the consumer has no bias and its output is not fed straight into a BN (the
      pre-activation shortcut conv, DenseNet-40's convs feeding a concatenation) or where the
-     removed channel is not constant (MobileNetV3's squeeze-excitation scales it), nothing is
-     folded; these layers are counted in the report's `unfolded` entry (exact when
-     act(beta) = 0, i.e. beta <= 0 after ReLU).
+     removed channel is not constant (a squeeze-excitation block, as in MobileNetV3 and
+     EfficientNet, scales it by a gate that differs per sample), nothing is folded; these
+     layers are counted in the report's `unfolded` entry (exact when act(beta) = 0: beta <= 0
+     after ReLU, beta = 0 after SiLU, beta = 0 or <= -3 after Hardswish).
 """
 
 from __future__ import annotations
@@ -238,11 +239,28 @@ def _absorb(node, delta: torch.Tensor) -> bool:
             wide = torch.zeros(m.offsets[-1], dtype=delta.dtype)
             wide[m.offsets[k[0]] : m.offsets[k[0]] + len(delta)] = delta
             ok = _absorb(out, wide) and ok
-        elif isinstance(m, tp.ops._ElementWiseOp) and any(o in m._grad_fn for o in _SHIFT_OPS):
+        elif (
+            isinstance(m, tp.ops._ElementWiseOp) and any(o in m._grad_fn for o in _SHIFT_OPS)
+        ) or _inside_bn_module(out):
             ok = _absorb(out, delta) and ok
         else:
             return False
     return ok
+
+
+def _inside_bn_module(node) -> bool:
+    """A batch-norm op the graph shows apart from its module: a BatchNorm subclass that applies
+    its activation itself (timm's BatchNormAct2d) outputs the activation's grad_fn, so the
+    tracer maps the module to that and leaves the normalisation as an anonymous op whose only
+    consumer is the module. An offset reaching that op is one the module's running_mean
+    absorbs; any other batch-norm op (functional, or feeding elsewhere) is not passed."""
+    m = node.module
+    return (
+        isinstance(m, tp.ops._ElementWiseOp)
+        and "batchnorm" in m._grad_fn.lower()
+        and len(node.outputs) == 1
+        and isinstance(node.outputs[0].module, _BatchNorm)
+    )
 
 
 def _fold(dg, names, m: nn.Module, idxs: list[int], consts: dict, report: dict) -> None:

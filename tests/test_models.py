@@ -179,7 +179,17 @@ def test_bad_widths_raise() -> None:
         build_model("cifar_vgg11", 10, widths={"bogus": {"num_features": 3}})
 
 
-@pytest.mark.parametrize("name", ["cifar_resnet20", "cifar_mobilenetv3_small"])
+# timm families through the registry: ResNet-D (deep stem, avg-pool shortcut), EfficientNet
+# (BatchNormAct2d, SE with SiLU), EfficientNet-Lite (ReLU6, no SE), MobileNetV3 (hard-swish, SE).
+TIMM = [
+    "timm_resnet10t",
+    "timm_efficientnet_b0",
+    "timm_efficientnet_lite0",
+    "timm_mobilenetv3_small_100",
+]
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "cifar_mobilenetv3_small", *TIMM])
 def test_torch_pruning_round_trip(name: str, tmp_path) -> None:
     """Prune with torch-pruning, store widths + safetensors, rebuild by name: same function."""
     tp = pytest.importorskip("torch_pruning")
@@ -221,12 +231,65 @@ def test_torchvision_model() -> None:
         assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("name", TIMM)
+def test_timm_model(name: str) -> None:
+    """Any timm model by name: built by timm.create_model for the run's classes, trainable,
+    kwargs passed through, nothing listed or downloaded."""
+    import timm
+
+    model = build_model(name, 7, drop_rate=0.0)
+    assert model.pretrained_cfg["architecture"] == name.removeprefix("timm_")
+    assert model.get_classifier().out_features == 7
+    model.train()
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 7)
+    out.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert name not in list_models()  # like tv_: accepted, not listed
+    reference = timm.create_model(name.removeprefix("timm_"), num_classes=7)
+    assert model_widths(model) == model_widths(reference)
+
+
+def test_timm_widths_keep_subclass_layers() -> None:
+    """timm's layer subclasses are resized, not rebuilt with torch's arguments: the stem's
+    Conv2dSame keeps its TF padding, BatchNormAct2d its activation (ReLU6 here; a rebuild would
+    give ReLU), and a failed edit changes nothing."""
+    model = build_model("timm_tf_efficientnet_lite0", 10)
+    stem, bn = type(model.conv_stem), model.bn1
+    with pytest.raises(ValueError, match="divisible"):
+        apply_widths(model, {"bn1": {"num_features": 20}, "conv_stem": {"out": 20, "groups": 3}})
+    assert model.bn1 is bn
+    widths = {"conv_stem": {"out": 20}, "bn1": {"num_features": 20}}
+    widths["blocks.0.0.conv_dw"] = {"in": 20, "out": 20, "groups": 20}
+    widths["blocks.0.0.bn1"] = {"num_features": 20}
+    widths["blocks.0.0.conv_pw"] = {"in": 20}
+    apply_widths(model, widths)
+    assert type(model.conv_stem) is stem and stem.__name__ == "Conv2dSame"
+    assert type(model.bn1) is type(bn) and type(model.bn1.act) is type(bn.act) is nn.ReLU6
+    assert model.bn1.num_features == 20 and model.bn1.eps == bn.eps
+    assert model.bn1.running_var.shape == (20,) and model_widths(model)["bn1"]["num_features"] == 20
+    assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_timm_names_and_kwargs_errors() -> None:
+    with pytest.raises(ConfigError, match=r"did you mean 'resnet18'.*timm\.list_models"):
+        build_model("timm_resnet19", 10)
+    with pytest.raises(ConfigError, match=r"timm_resnet18.*model\.pretrained: a1_in1k"):
+        build_model("timm_resnet18.a1_in1k", 10)
+    with pytest.raises(ConfigError, match=r"timm_resnet10t.*no_such_option"):
+        build_model("timm_resnet10t", 10, no_such_option=1)
+    with pytest.raises(ValueError, match="reserved for timm"):
+        register_model("timm_toy")
+    assert "timm_<timm name>" in registry_mod.__doc__
+
+
 def test_unknown_model_names() -> None:
     with pytest.raises(ValueError, match="cifar_resnet19") as info:
         build_model("cifar_resnet19", 10)
     msg = str(info.value)
     assert "did you mean 'cifar_resnet18'" in msg
     assert "tv_<torchvision name>" in msg
+    assert "timm_<timm name>" in msg
     with pytest.raises(ValueError, match="did you mean 'resnet18'"):
         build_model("tv_resnet19", 10)
 
@@ -372,5 +435,5 @@ def test_pretrained_torchvision_weights_come_from_the_hub_cache(tmp_path, monkey
     assert all(torch.equal(got[k], v) for k, v in reference.items() if not k.startswith("fc."))
     with pytest.raises(ConfigError, match="IMAGENET1K_V1"):
         build_model("tv_resnet18", 7, pretrained="IMAGENET9K")
-    with pytest.raises(ConfigError, match="not a tv_ model"):
+    with pytest.raises(ConfigError, match="not a tv_ or timm_ model"):
         build_model("cifar_resnet20", 7, pretrained="DEFAULT")

@@ -1,4 +1,5 @@
-"""Model registry: CIFAR network families by name, torchvision models as ``tv_<name>``.
+"""Model registry: CIFAR network families by name, torchvision models as ``tv_<name>``, timm
+models as ``timm_<name>``.
 
     from common.models import build_model, model_widths
     model = build_model("cifar_resnet56", num_classes=100)

@@ -2,8 +2,11 @@
 
 Factories are ``fn(num_classes: int, **kwargs) -> nn.Module`` registered with
 `register_model`. Any torchvision model is also accepted as ``tv_<torchvision name>`` (built
-with ``weights=None``; nothing is ever downloaded). `build_model` optionally resizes the
-network to a pruned widths dict (see `common.models.widths`) and loads a local state dict.
+with ``weights=None``) and any timm model as ``timm_<timm name>`` (`timm.create_model`,
+`common.models.timm_models`): the two ecosystems' model zoos without a wrapper per network.
+Pretrained weights come only from those ecosystems' own caches, by `pretrained`
+(`common.models.pretrained`, `common.models.timm_models`). `build_model` optionally resizes
+the network to a pruned widths dict (see `common.models.widths`) and loads a local state dict.
 """
 
 from __future__ import annotations
@@ -23,9 +26,17 @@ from common.config import ConfigError
 from common.precision import match_state_precision
 
 from .pretrained import load_pretrained_torchvision
+from .timm_models import TIMM_PREFIX, build_timm
 from .widths import apply_widths
 
-__all__ = ["TV_PREFIX", "build_model", "list_models", "load_weights", "register_model"]
+__all__ = [
+    "TIMM_PREFIX",
+    "TV_PREFIX",
+    "build_model",
+    "list_models",
+    "load_weights",
+    "register_model",
+]
 
 TV_PREFIX = "tv_"
 
@@ -36,15 +47,15 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {}
 def register_model(name: str) -> Callable[[_F], _F]:
     """Decorator registering ``fn(num_classes, **kwargs) -> nn.Module`` under `name`.
 
-    Names must be unique and must not start with ``tv_`` (reserved for torchvision models).
-    Re-registering the same function (e.g. after a module reload) replaces it.
+    Names must be unique and must not start with ``tv_`` or ``timm_`` (reserved for
+    torchvision and timm models). Re-registering the same function (e.g. after a module
+    reload) replaces it.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
-    if name.startswith(TV_PREFIX):
-        raise ValueError(
-            f"model name {name!r}: the prefix {TV_PREFIX!r} is reserved for torchvision"
-        )
+    for prefix, owner in ((TV_PREFIX, "torchvision"), (TIMM_PREFIX, "timm")):
+        if name.startswith(prefix):
+            raise ValueError(f"model name {name!r}: the prefix {prefix!r} is reserved for {owner}")
 
     def decorator(fn: _F) -> _F:
         old = _MODELS.get(name)
@@ -62,7 +73,8 @@ def register_model(name: str) -> Callable[[_F], _F]:
 
 
 def list_models() -> list[str]:
-    """Sorted registered names. ``tv_<name>`` torchvision models are accepted but not listed."""
+    """Sorted registered names. ``tv_<name>`` torchvision and ``timm_<name>`` timm models are
+    accepted but not listed."""
     return sorted(_MODELS)
 
 
@@ -76,7 +88,8 @@ def _unknown_model(name: str) -> ConfigError:
     return ConfigError(
         f"Unknown model {name!r}: {_suggest(name, names)} Registered models: {', '.join(names)}. "
         f"Any torchvision model can be built as '{TV_PREFIX}<torchvision name>' "
-        f"(e.g. '{TV_PREFIX}resnet18'; see torchvision.models.list_models())."
+        f"(e.g. '{TV_PREFIX}resnet18'; see torchvision.models.list_models()), any timm model "
+        f"as '{TIMM_PREFIX}<timm name>' (e.g. '{TIMM_PREFIX}resnet18'; see timm.list_models())."
     )
 
 
@@ -111,11 +124,14 @@ def build_model(
     pretrained: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build registered model `name` (or torchvision's as ``tv_<name>``) for `num_classes`.
+    """Build registered model `name` (torchvision's as ``tv_<name>``, timm's as
+    ``timm_<name>``) for `num_classes`.
 
-    `kwargs` go to the factory. With `pretrained` (a torchvision weights name such as
-    ``DEFAULT`` or ``IMAGENET1K_V2``; ``tv_`` models only) torchvision's weights are loaded from
-    the torch hub cache, the head sized for `num_classes` (`common.models.pretrained`). With
+    `kwargs` go to the factory (to `timm.create_model` for timm). With `pretrained`, ``tv_``
+    models load torchvision's weights (``DEFAULT`` or a weights name such as
+    ``IMAGENET1K_V2``) from the torch hub cache (`common.models.pretrained`), ``timm_`` models
+    timm's (``DEFAULT`` or a pretrained tag such as ``a1_in1k``) from the Hugging Face hub
+    cache (`common.models.timm_models`); either way the head is sized for `num_classes`. With
     `widths` (from `model_widths` of a pruned network) the default network is resized by
     `apply_widths`; with `weights` a local state-dict file is then loaded by `load_weights`.
     Raises ValueError for an unknown name, with the closest names.
@@ -126,6 +142,8 @@ def build_model(
         raise ValueError(f"model name must be a string, got {name!r}")
     if name.startswith(TV_PREFIX):
         model = _build_torchvision(name, num_classes, kwargs)
+    elif name.startswith(TIMM_PREFIX):
+        model = build_timm(name, num_classes, kwargs, pretrained)
     else:
         factory = _MODELS.get(name)
         if factory is None:
@@ -137,11 +155,11 @@ def build_model(
             raise ConfigError(
                 f"model {name!r}: {e}; its kwargs are: {', '.join(params) or '(none)'}"
             ) from None
-    if pretrained is not None:
+    if pretrained is not None and not name.startswith(TIMM_PREFIX):  # timm's: at creation
         if not name.startswith(TV_PREFIX):
             raise ConfigError(
-                f"`pretrained` loads torchvision weights: {name!r} is not a tv_ model (use "
-                f"`weights` with a local file)"
+                f"`pretrained` loads torchvision or timm weights: {name!r} is not a tv_ or "
+                f"timm_ model (use `weights` with a local file)"
             )
         load_pretrained_torchvision(model, name[len(TV_PREFIX) :], pretrained)
     if widths is not None:

@@ -9,13 +9,15 @@ which the pruned state dict loads with `load_state_dict`. The dict is JSON-frien
      "linear": {"in": 64, "out": 10}}
 
 Only `nn.Conv2d`, `nn.Linear` and BatchNorm (`_BatchNorm`, which includes `SyncBatchNorm` and
-the project's `AllReduceBatchNorm`) are described. That covers every network in this package;
-a network whose pruning also resizes other parametrised layers (LayerNorm, GroupNorm, ...)
-cannot be rebuilt from widths alone.
+the project's `AllReduceBatchNorm`) are described, subclasses included (timm's
+`BatchNormAct2d`, which applies its activation itself, and `Conv2dSame`). That covers every
+network in this package and timm's BatchNorm CNNs; a network whose pruning also resizes other
+parametrised layers (LayerNorm, GroupNorm, ...) cannot be rebuilt from widths alone.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import itertools
 from collections.abc import Callable, Mapping
@@ -86,8 +88,51 @@ def _factory_kwargs(m: nn.Module) -> dict[str, Any]:
     return {} if t is None else {"device": t.device, "dtype": t.dtype}
 
 
+def _torch_constructor(m: nn.Module) -> bool:
+    """Whether `type(m)` takes torch's constructor arguments, which `_rebuild` passes: torch's
+    classes and subclasses that keep their constructor (the project's AllReduceBatchNorm)."""
+    return type(m).__init__.__module__.startswith("torch.")
+
+
+def _resized_copy(m: nn.Module, sizes: Mapping[str, int]) -> nn.Module:
+    """A copy of `m` whose tensors have the given sizes, freshly reset.
+
+    For subclasses with constructors of their own: calling `type(m)(sizes, ...)` with torch's
+    arguments would silently give timm's `BatchNormAct2d` its default activation (ReLU, where
+    the network has SiLU or Hardswish) and fails for `Conv2dSame` (no `padding_mode`). A copy
+    keeps whatever the subclass holds beyond the sizes (activation, drop layer, eps, ...)."""
+    if isinstance(m, nn.Conv2d):
+        cin, cout, g = sizes["in"], sizes["out"], sizes["groups"]
+        if cin % g or cout % g:
+            raise ValueError(f"in ({cin}) and out ({cout}) must be divisible by groups ({g})")
+        attrs = {"in_channels": cin, "out_channels": cout, "groups": g}
+        shapes = {"weight": (cout, cin // g, *m.kernel_size), "bias": (cout,)}
+    elif isinstance(m, nn.Linear):
+        attrs = {"in_features": sizes["in"], "out_features": sizes["out"]}
+        shapes = {"weight": (sizes["out"], sizes["in"]), "bias": (sizes["out"],)}
+    else:
+        n = sizes["num_features"]
+        attrs = {"num_features": n}
+        shapes = {"weight": (n,), "bias": (n,), "running_mean": (n,), "running_var": (n,)}
+    shapes = {k: v for k, v in shapes.items() if getattr(m, k, None) is not None}
+    fk = _factory_kwargs(m)
+    # the tensors about to be replaced are shared, not copied; everything else is copied
+    new = copy.deepcopy(m, {id(getattr(m, k)): getattr(m, k) for k in shapes})
+    for k, v in attrs.items():
+        setattr(new, k, v)
+    for k, shape in shapes.items():
+        if k in m._parameters:
+            setattr(new, k, nn.Parameter(torch.empty(shape, **fk), m._parameters[k].requires_grad))
+        else:
+            setattr(new, k, torch.empty(shape, **fk))
+    new.reset_parameters()  # what the constructor would have done (BN: statistics too)
+    return new
+
+
 def _rebuild(m: nn.Module, sizes: Mapping[str, int]) -> nn.Module:
     """A fresh module of `type(m)` with `m`'s hyper-parameters and the given sizes."""
+    if not _torch_constructor(m):
+        return _resized_copy(m, sizes)
     fk = _factory_kwargs(m)
     if isinstance(m, nn.Conv2d):
         return type(m)(
@@ -121,7 +166,8 @@ def apply_widths(model: nn.Module, widths: Mapping[str, Mapping[str, int]]) -> n
 
     Each named module is replaced by a freshly constructed module of the same type and
     hyper-parameters (kernel, stride, padding, dilation, bias presence, padding_mode; eps,
-    momentum, affine, track_running_stats) with the given sizes, initialised by
+    momentum, affine, track_running_stats) with the given sizes (a subclass with its own
+    constructor, such as timm's `BatchNormAct2d`, by a resized copy), initialised by
     `model.init_module` if the model defines one, else by `init_module`. A record may give a
     subset of its keys (the rest keep their current values); modules whose sizes already match
     are left untouched, weights included. Everything is validated before anything is replaced.
