@@ -46,8 +46,10 @@ def recalibrate_bn(
             m.reset_running_stats()
             m.momentum = None
         model.train()
-        for batch in make_loader(dataset, batches, 0):
-            model(cast_floating(batch, p.dtype, p.device)["image"])
+        devices = [p.device] if p.is_cuda else []
+        with torch.random.fork_rng(devices=devices):  # dropout draws no training RNG
+            for batch in make_loader(dataset, batches, 0):
+                model(cast_floating(batch, p.dtype, p.device)["image"])
     finally:
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum
@@ -88,6 +90,7 @@ def eval_collapse(model: nn.Module, images: torch.Tensor, ratio: float = 1e-3) -
             f"{train_std:.2e} in train mode): the BatchNorm running statistics have not caught "
             f"up with the weights. BN momentum {momenta} is the likely cause (torchvision's "
             f"MobileNetV3 uses 0.01): train longer, raise the momentum, or recalibrate the "
-            f"statistics (`prune.recalibrate_bn`, `common.bnstats.recalibrate_bn`)"
+            f"statistics before each evaluation (`<stage>.loop.recalibrate_bn: 50`; "
+            f"`common.bnstats.recalibrate_bn`)"
         )
     return None

@@ -208,14 +208,17 @@ class OptimConfig:
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = "cifar_resnet20"
-    """Registered model name (see `python -m launch models`), or tv_<torchvision name>."""
+    """Registered model name (see `python -m launch models`), tv_<torchvision name> or
+    timm_<timm name>."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra factory arguments."""
     weights: str | None = None
     """Local state dict (safetensors or torch) to start from; never downloaded."""
     pretrained: str | None = None
     """tv_ models: torchvision's weights by name (DEFAULT, IMAGENET1K_V1, ...) from the torch
-    hub cache ($TORCH_HOME/hub/checkpoints), downloaded there unless KDSLIM_OFFLINE=1 or
+    hub cache ($TORCH_HOME/hub/checkpoints); timm_<name> models: timm's pretrained tag
+    (DEFAULT, a1_in1k, ...) from the Hugging Face hub cache ($HF_HUB_CACHE, default
+    $HF_HOME/hub), repo timm/<name>.<tag>. Downloaded there unless KDSLIM_OFFLINE=1 or
     HF_HUB_OFFLINE=1; the head is re-initialised for the run's classes."""
 
 
@@ -239,6 +242,13 @@ class LoopConfig:
     """Which evaluated epoch's weights the stage keeps as its `model/`: the one with the best
     validation accuracy (`val`), or the last (`none`). Never chosen on test; the test
     accuracy reported is the chosen epoch's."""
+    recalibrate_bn: NON_NEGATIVE_INT = 0
+    """Before each evaluation, re-estimate the BatchNorm running statistics over this many
+    training batches (cumulative average, train mode, no gradient; `common.bnstats`). For
+    short runs of models with a small BN momentum (torchvision's MobileNetV3 and EfficientNet:
+    0.01), whose running statistics are still near their initial values when evaluated and
+    whose eval-mode outputs then collapse to one class. 0: off (the trainer still warns when
+    it sees that collapse)."""
     log_every: POSITIVE_INT = 10
     """Log the loss terms every N optimizer steps (wandb and `<stage>/steps.jsonl`)."""
     checkpoint_every_steps: NON_NEGATIVE_INT = 0

@@ -8,6 +8,7 @@ after a restart. Nothing from the environment is logged (no WANDB_API_KEY in con
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -169,13 +170,37 @@ class RunLogger(NullLogger):
 
     def log(self, metrics: dict, step: int | None = None) -> None:
         if self._wandb is not None:
-            self._wandb.log(metrics, step=step)
+            try:
+                self._wandb.log(metrics, step=step)
+            except ConnectionError:
+                self._wandb_gone()
 
     def log_image(self, key: str, path: str | Path, step: int | None = None) -> None:
         if self._wandb is not None:
             import wandb
 
-            self._wandb.log({key: wandb.Image(str(path))}, step=step)
+            try:
+                self._wandb.log({key: wandb.Image(str(path))}, step=step)
+            except ConnectionError:
+                self._wandb_gone()
+
+    def _wandb_gone(self) -> None:
+        """The wandb service process is gone: SLURM's TERM (scancel, `scontrol requeue`,
+        preemption) reaches every process of a job, and wandb-core exits on it at once
+        (wandb/wandb#9963) while this process still saves its checkpoint. Every later call
+        would raise ConnectionResetError, wandb's own exit hook too: stop using wandb for this
+        stage and say so in one line. Records the service had not yet written are lost (it
+        writes in blocks); a resumed run continues the same run id.
+        """
+        import wandb
+
+        self._wandb = None
+        with contextlib.suppress(Exception):  # it raises on the dead socket too
+            wandb.teardown()  # and unregisters the exit hook that would print a traceback
+        self.info(
+            "wandb: its service process was stopped by a signal; no more wandb logging in this "
+            f"stage (what the service had written is in {self.stage_dir / 'wandb'})"
+        )
 
     def append_jsonl(self, path: str | Path, record: dict) -> None:
         """One line per logged step (after a resume, steps since the checkpoint repeat)."""
@@ -201,5 +226,8 @@ class RunLogger(NullLogger):
 
     def close(self) -> None:
         if self._wandb is not None:
-            self._wandb.finish()
+            try:
+                self._wandb.finish()
+            except ConnectionError:
+                self._wandb_gone()
             self._wandb = None

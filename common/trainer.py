@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from accelerate.utils import DistributedType, broadcast_object_list
 from torch import nn
 
-from common.bnstats import eval_collapse
+from common.bnstats import eval_collapse, recalibrate_bn
 from common.checkpoint import SHARDED_DIR, CheckpointManager, atomic_dir, commit_dir, save_model
 from common.config import ConfigError, LoopConfig, RunConfig, identity_changes
 from common.data import ReplayBatchSampler, Splits, fresh_view_per_epoch, make_loader
@@ -93,7 +93,12 @@ class CrossEntropyTask:
 
 
 class Preempted(Exception):
-    """Raised after a checkpoint when the scheduler asked us to stop (SIGUSR2/SIGTERM)."""
+    """Raised after a checkpoint when the scheduler asked us to stop (SIGUSR2/SIGTERM); `step`
+    is the step that checkpoint holds (launch/__main__.py turns it into the exit status)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped at step {step}; checkpoint saved")
+        self.step = step
 
 
 @dataclass
@@ -160,6 +165,12 @@ class Trainer:
             self.total_steps = min(self.total_steps, loop.max_steps)
         self.deepspeed = self.acc.distributed_type == DistributedType.DEEPSPEED
         if self.deepspeed:
+            if loop.recalibrate_bn:
+                raise ConfigError(
+                    f"`{loop_key}.recalibrate_bn` runs the bare model outside DeepSpeed's "
+                    "engine, which its partitioned weights do not allow: set it to 0 under "
+                    "DeepSpeed"
+                )
             self._configure_deepspeed()
         self.dtype = DTYPES[run.dtype]
         self.memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
@@ -255,7 +266,7 @@ class Trainer:
                     self._checkpoint()
                 if self._should_stop():
                     self._checkpoint()
-                    raise Preempted(f"stopped at step {self.state.step}; checkpoint saved")
+                    raise Preempted(self.state.step)
             else:  # every batch taken: reaching the end shuts the loader workers down here,
                 next(batches, None)  # not in a later fork that inherits the iterator
         finally:
@@ -327,6 +338,13 @@ class Trainer:
         self._check_finite_weights(epoch + 1)
         last = self.state.step >= self.total_steps
         if last or (epoch + 1) % self.loop.eval_every == 0:
+            if self.loop.recalibrate_bn:
+                recalibrate_bn(
+                    self.unwrapped,
+                    self.splits.train,
+                    self.loop.recalibrate_bn,
+                    max(1, self.loop.batch_size // self.acc.num_processes),
+                )
             if self.splits.val is not None:
                 record.update({f"val_{k}": v for k, v in self.evaluate("val").items()})
             record.update({f"test_{k}": v for k, v in self.evaluate("test").items()})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,9 @@ COMMANDS = {
     "models": "list the registered model names",
 }
 EXIT_PREEMPTED = 75
+"""Exit status of a stage stopped by SIGUSR2/SIGTERM after saving a checkpoint (EX_TEMPFAIL)."""
+PREEMPT_FILE_ENV = "KDSLIM_PREEMPT_FILE"
+"""Set by slurm/lib.sh: a preempted rank writes its step there and exits 0 (see `preempted`)."""
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -59,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         from common.models import list_models
 
         print("\n".join(list_models()))
-        print("tv_<name>: any torchvision classifier (weights from a local file)")
+        print("tv_<name>: any torchvision classifier (model.pretrained: torchvision weights name)")
+        print("timm_<name>: any timm model (model.pretrained: DEFAULT or a timm pretrained tag)")
         return 0
 
     from common.config import load_config
@@ -86,8 +91,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Preempted as e:
-        print(f"preempted: {e}; run the same command again to resume", file=sys.stderr)
-        return EXIT_PREEMPTED
+        return preempted(e.step)
+
+
+def preempted(step: int) -> int:
+    """The exit status of a stage stopped after its checkpoint at `step`.
+
+    Under slurm/lib.sh ($KDSLIM_PREEMPT_FILE set): write the step there and exit 0, so that
+    the launcher's elastic agent and srun see a clean end (a non-zero rank is a failure to
+    them: a ChildFailedError traceback per node, "srun: error" lines, 75 lost); the batch
+    shell turns the file into exit status 75, requeues and prints the one line. Elsewhere:
+    one line (rank 0) and exit status 75.
+    """
+    marker = os.environ.get(PREEMPT_FILE_ENV)
+    if marker:
+        try:
+            tmp = f"{marker}.tmp-{os.getpid()}"  # every rank writes the same step
+            Path(tmp).write_text(f"{step}\n")
+            os.replace(tmp, marker)
+            return 0
+        except OSError:
+            pass  # cannot tell the batch shell: fall back to the exit status
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"preempted at step {step}, checkpoint saved; run the same command again to resume",
+            file=sys.stderr,
+        )
+    return EXIT_PREEMPTED
 
 
 def verify_directory(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ class PipelineConfig:
     export_batch: POSITIVE_INT = 4
     """Rows of the random batch each exported format is checked on."""
     export_atol: Annotated[float, Range(gt=0)] = 1e-4
-    """Largest |exported - PyTorch| output difference an export check accepts."""
+    """Largest |exported - PyTorch| output difference an export check accepts, per unit of the
+    largest |output| when that exceeds 1 (float32 rounding grows with the magnitude)."""
     onnx_opset: Annotated[int, Range(ge=17)] = 17
     """ONNX opset of the export."""

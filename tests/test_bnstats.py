@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from common.config import DataConfig
 from common.data import build_splits, make_loader
 from common.evaluate import evaluate
 from common.models import build_model
+from tests.conftest import ROOT, run_cli
 
 
 @functools.cache
@@ -76,3 +78,30 @@ def test_eval_collapse_warns_on_stale_statistics_only():
     after = model.state_dict()
     assert all(torch.equal(after[k], v) or k.endswith("running_var") for k, v in before.items())
     assert not model.training
+
+
+def test_trainer_recalibrates_before_evaluation_where_asked(tmp_path):
+    """The issue's case: torchvision's MobileNetV3 (BN momentum 0.01) after 40 steps. Its
+    running statistics are still near 0 / 1, eval-mode outputs collapse to one class and the
+    run says so; `loop.recalibrate_bn` re-estimates them before each evaluation."""
+    args = [
+        "train",
+        "--config",
+        str(ROOT / "tests/configs/base.yaml"),
+        "train.model.name=tv_mobilenet_v3_small",
+        "data.image_size=32",
+        "train.loop.epochs=2",
+    ]
+    stale = run_cli(*args, f"run.out_dir={tmp_path / 'stale'}")
+    assert "BN momentum [0.01]" in stale.stdout and "loop.recalibrate_bn" in stale.stdout
+    fixed = run_cli(*args, f"run.out_dir={tmp_path / 'fixed'}", "train.loop.recalibrate_bn=4")
+    assert "BN momentum" not in fixed.stdout
+
+    def acc(out):
+        metrics = json.loads(
+            (out / "train" / "tv_mobilenet_v3_small-s0" / "metrics.json").read_text()
+        )
+        return metrics["selected"]["test_acc"]
+
+    assert acc(tmp_path / "stale") < 0.2  # chance is 0.1
+    assert acc(tmp_path / "fixed") > acc(tmp_path / "stale") + 0.3

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from common.checkpoint import MANIFEST_FILE, MODEL_FILE, CheckpointManager, verify_manifest
-from tests.conftest import ROOT, cli_command, cli_env, interrupt, run_cli
+from tests.conftest import PY, ROOT, cli_command, cli_env, interrupt, run_cli
 from tests.equivalence import assert_same_weights, weights
 from tests.test_train import SMALL, T
 
@@ -192,6 +192,93 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+# --------------------------------------------------------------------------------------------
+# preemption without SLURM (with it: tests/slurm/test_stage_jobs.py): one line, exit status 75
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("under_slurm_script", [False, True])
+def test_sigusr2_checkpoints_and_stops_with_one_line(tmp_path, under_slurm_script):
+    """SIGUSR2 to a single `python -m launch` process: it saves a checkpoint and exits 75 with
+    one line naming the step. Under slurm/lib.sh (KDSLIM_PREEMPT_FILE set) it writes the step
+    to that file and exits 0 instead: the batch shell says 75 and requeues (see lib.sh)."""
+    out, marker = tmp_path / "run", tmp_path / "preempted"
+    extra = {"KDSLIM_PREEMPT_FILE": str(marker)} if under_slurm_script else {}
+    cmd = cli_command(*TINY, "train.loop.epochs=20", f"run.out_dir={out}")
+    with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(**extra), stdout=so, stderr=se)
+        try:
+            deadline = time.monotonic() + 300
+            while not any((out / T / "checkpoints").glob("ckpt-*")):  # training under way
+                assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint after 300 s"
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGUSR2)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stderr = (tmp_path / "stderr").read_text()
+    latest = CheckpointManager(out / T / "checkpoints", keep=3, is_main=False).latest()
+    step = json.loads((latest / "trainer_state.json").read_text())["step"]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert not (out / T / "model").exists(), "stopped early, yet wrote the final model"
+    said = [line for line in stderr.splitlines() if "preempted" in line]
+    if under_slurm_script:
+        assert (rc, marker.read_text(), said) == (0, f"{step}\n", []), stderr[-2000:]
+    else:
+        line = f"preempted at step {step}, checkpoint saved; run the same command again to resume"
+        assert (rc, said) == (75, [line]), stderr[-2000:]
+        assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_wandb_service_killed_by_a_signal_ends_wandb_logging_in_one_line(tmp_path):
+    """SLURM's TERM (scancel, `scontrol requeue`) reaches wandb-core too, which exits at once;
+    the stage goes on to its checkpoint, so its next wandb call, `finish` and wandb's own exit
+    hook met a dead socket (ConnectionResetError tracebacks). Now: one line, no traceback."""
+    script = f"""
+import os, signal, subprocess, time
+from pathlib import Path
+from common.config import LoggingConfig
+from common.logging import RunLogger
+
+log = RunLogger(LoggingConfig(wandb="offline"), Path({str(tmp_path)!r}), "t", {{}})
+log.log({{"a": 1.0}}, step=1)
+ps = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True)
+core = [int(p) for p in ps.stdout.split()]
+assert core, "no wandb service process"
+for pid in core:
+    os.kill(pid, signal.SIGTERM)
+def alive(pid):
+    try:
+        return Path(f"/proc/{{pid}}/stat").read_text().split(")")[1].split()[0] != "Z"
+    except OSError:
+        return False
+while any(alive(pid) for pid in core):
+    time.sleep(0.05)
+for step in (2, 3):
+    log.log({{"a": float(step)}}, step=step)
+log.close()
+print("closed")
+"""
+    proc = subprocess.run(
+        [PY, "-c", script],
+        cwd=ROOT,
+        env=cli_env(WANDB_MODE="offline"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    both = proc.stdout + proc.stderr
+    assert proc.returncode == 0, both[-3000:]
+    assert "Traceback" not in both and "ConnectionResetError" not in both, both[-3000:]
+    assert both.count("wandb: its service process was stopped by a signal") == 1, both
+    assert proc.stdout.rstrip().endswith("closed"), both
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ requeue -> resume, the cache job array and the dependency chain of `slurm/submit
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -43,6 +44,38 @@ def _out(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else "<no output file>"
 
 
+# What a preemption must not look like (issue 16 point 5): the elastic agent's traceback for
+# ranks that exit non-zero, srun's error per task, wandb's dead-socket errors.
+NOISE = ("Traceback", "ChildFailedError", "SignalException", "srun: error", "ConnectionResetError")
+# SLURM's own notice when a job is requeued while its batch shell still runs (an external
+# `scontrol requeue` always; the batch shell's own requeue when it races the shell's exit)
+REQUEUE_NOTICE = re.compile(
+    r"slurmstepd-\S+: error: \*\*\* (JOB|STEP) \S+ ON \S+ CANCELLED AT \S+"
+    r" DUE TO JOB REQUEUE \*\*\*"
+)
+
+
+def _resumed_at(out: str) -> int:
+    assert "resumed from" in out, out[-4000:]
+    return int(out.split("resumed from")[1].split("(step ")[1].split(",")[0])
+
+
+def _assert_clean(out: str) -> None:
+    """No traceback, no srun error; the only `error` lines are SLURM's requeue notice."""
+    for noise in NOISE:
+        assert noise not in out, f"{noise!r} in the job's output:\n{out[-6000:]}"
+    errors = [line for line in out.splitlines() if "error" in line.lower()]
+    assert all(REQUEUE_NOTICE.fullmatch(line) for line in errors), errors
+
+
+def _assert_preempted_once(out: str, step: int) -> None:
+    """One line for the user, printed once per preemption by the batch shell, and the step's
+    exit status as the batch shell records it: 75 (stopped after a checkpoint), not 1."""
+    said = [line for line in out.splitlines() if "preempted" in line]
+    assert said == [f"preempted at step {step}, checkpoint saved, requeued"], said
+    assert f"step exit status 75: stopped after a checkpoint at step {step}" in out, out[-4000:]
+
+
 @pytest.mark.numerics
 def test_two_node_ddp_equals_one_process(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     args = [
@@ -79,6 +112,33 @@ def test_two_node_ddp_equals_one_process(slurm_cluster: SlurmCluster, tmp_path: 
     assert m1["last"]["test_num_samples"] == m2["last"]["test_num_samples"] == 359
 
 
+PREEMPTIBLE = [  # 12 steps, a checkpoint every 2: room to stop and resume mid-run
+    "train",
+    "--config",
+    QUICK,
+    "logging.progress=false",
+    "train.loop.epochs=1",
+    "train.loop.max_steps=12",
+    "train.loop.checkpoint_every_steps=2",
+    "train.loop.keep_checkpoints=1",
+]
+
+
+def _sbatch_train(
+    cluster: SlurmCluster, args: list[str], out_dir: Path, log: Path, nodes: str, limit: str
+) -> str:
+    """stage.sbatch running `args` into `out_dir` with wandb offline, its output in `log`."""
+    return cluster.sbatch(
+        STAGE,
+        nodes,
+        limit,
+        f"--output={log}",
+        env_extra={**JOB_ENV, "WANDB_MODE": "offline"},
+        script_args=[*args, f"run.out_dir={out_dir}"],
+        cwd=ROOT,
+    )
+
+
 def test_usr2_requeue_resume_equals_uninterrupted(
     slurm_cluster: SlurmCluster, tmp_path: Path
 ) -> None:
@@ -86,26 +146,9 @@ def test_usr2_requeue_resume_equals_uninterrupted(
     every rank checkpoints and stops -> `scontrol requeue` -> the job restarts, resumes from
     the checkpoint into the same wandb run, and ends with the weights of an uninterrupted run.
     """
-    args = [
-        "train",
-        "--config",
-        QUICK,
-        "logging.progress=false",
-        "train.loop.epochs=1",
-        "train.loop.max_steps=12",
-        "train.loop.checkpoint_every_steps=2",
-        "train.loop.keep_checkpoints=1",
-    ]
+    args = PREEMPTIBLE
     out_dir, log = tmp_path / "pre", tmp_path / "pre.out"
-    job = slurm_cluster.sbatch(
-        STAGE,
-        "-N2",
-        "--time=5",
-        f"--output={log}",
-        env_extra={**JOB_ENV, "WANDB_MODE": "offline"},
-        script_args=[*args, f"run.out_dir={out_dir}"],
-        cwd=ROOT,
-    )
+    job = _sbatch_train(slurm_cluster, args, out_dir, log, "-N2", "--time=5")
     ckpts = out_dir / T / "checkpoints"
     deadline = time.monotonic() + 180
     while not any(ckpts.glob("ckpt-*")):
@@ -120,10 +163,12 @@ def test_usr2_requeue_resume_equals_uninterrupted(
     print(f"\nUSR2 -> requeued run finished: {time.monotonic() - t0:.1f}s")
     out = _out(log)
     _done(records, restarts="1")
-    assert "requeueing" in out and "restart 1:" in out, out[-4000:]
-    assert "resumed from" in out, out[-4000:]
-    resumed_at = int(out.split("resumed from")[1].split("(step ")[1].split(",")[0])
+    assert "restart 1:" in out, out[-4000:]
+    resumed_at = _resumed_at(out)
     assert 2 <= resumed_at < 12, "the run was not interrupted mid-training"
+    # a clean preemption looks clean: one line, 75 kept, no traceback or srun error
+    _assert_preempted_once(out, resumed_at)
+    _assert_clean(out)
     assert_same_weights(weights(tmp_path / "straight" / T), weights(out_dir / T), 0)
     history = json.loads((out_dir / T / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1]
@@ -131,6 +176,94 @@ def test_usr2_requeue_resume_equals_uninterrupted(
     runs = sorted((out_dir / T / "wandb").glob("offline-run-*"))
     assert len(runs) == 2, runs
     assert len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs
+
+
+def _wait_for_checkpoint(cluster: SlurmCluster, job: str, ckpts: Path, log: Path) -> None:
+    deadline = time.monotonic() + 180
+    while not any(ckpts.glob("ckpt-*")):
+        assert cluster.in_queue(job), f"job ended before a checkpoint\n{_out(log)}"
+        assert time.monotonic() < deadline, f"no checkpoint after 180 s\n{_out(log)}"
+        time.sleep(0.1)
+
+
+def _elapsed_s(cluster: SlurmCluster, job: str) -> int:
+    """The job's run time so far (squeue %M: [D-][H:]M:SS)."""
+    text = cluster.run("squeue", "-h", "-j", job, "-o", "%M").stdout.strip()
+    days, _, hms = text.rpartition("-")
+    seconds = 0
+    for part in hms.split(":"):
+        seconds = 60 * seconds + int(part)
+    return seconds + 86400 * int(days or 0)
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """The real path of stage.sbatch's own `--signal=B:USR2@120`: slurmctld sends USR2 to the
+    batch shell once less than 120 s are left. The time limit is cut to bring that moment
+    near (slurmctld checks every ~30 s), and raised again once the job is requeued so the
+    restart runs to the end. One process, no launcher; wandb offline (its service, a child of
+    the training process, also gets the wrapper's USR2 and must ignore it)."""
+    args = [
+        "train",
+        "--config",
+        QUICK,
+        "logging.progress=false",
+        "train.loop.epochs=25",  # 20 steps each: 500, >= 50 s of training on 2 idle cores
+        "train.loop.checkpoint_every_steps=20",
+        "train.loop.keep_checkpoints=1",
+    ]
+    out_dir, log = tmp_path / "tl", tmp_path / "tl.out"
+    job = _sbatch_train(slurm_cluster, args, out_dir, log, "-N1", "--time=10")
+    _wait_for_checkpoint(slurm_cluster, job, out_dir / T / "checkpoints", log)
+    # whole minutes leaving between 60 and 120 s: USR2 at the next time-limit check
+    minutes = (_elapsed_s(slurm_cluster, job) + 120) // 60
+    slurm_cluster.run("scontrol", "update", f"JobId={job}", f"TimeLimit={minutes}")
+    t0 = time.monotonic()
+    while "preempted at step" not in _out(log):
+        assert slurm_cluster.in_queue(job), f"job ended without a preemption\n{_out(log)}"
+        assert time.monotonic() - t0 < 120, f"no USR2 120 s after the cut\n{_out(log)}"
+        time.sleep(0.2)
+    print(f"\ntime limit cut -> preempted and requeued: {time.monotonic() - t0:.1f}s")
+    slurm_cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
+    records = slurm_cluster.wait(job, timeout=300)
+    out = _out(log)
+    _done(records, restarts="1")
+    assert "USR2: asking the training step to checkpoint and stop" in out, out[-4000:]
+    resumed_at = _resumed_at(out)
+    assert 20 <= resumed_at < 500, "the run was not interrupted mid-training"
+    _assert_preempted_once(out, resumed_at)
+    _assert_clean(out)
+    assert json.loads((out_dir / T / "metrics.json").read_text())["history"][-1]["epoch"] == 25
+
+
+def test_scontrol_requeue_with_wandb_offline_is_clean(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """`scontrol requeue JOB`: SLURM itself sends TERM to every process of the job (wandb's
+    service included, which exits at once) and KILL after KillWait (5 s here, 30 s by
+    default), then starts the job again. The ranks checkpoint if they can in that time; no
+    traceback (elastic agent, wandb's ConnectionResetError) either way, and the restarted
+    job resumes into the same wandb run and completes."""
+    args = PREEMPTIBLE
+    out_dir, log = tmp_path / "rq", tmp_path / "rq.out"
+    job = _sbatch_train(slurm_cluster, args, out_dir, log, "-N2", "--time=5")
+    _wait_for_checkpoint(slurm_cluster, job, out_dir / T / "checkpoints", log)
+    slurm_cluster.run("scontrol", "requeue", job)
+    records = slurm_cluster.wait(job, timeout=240)
+    out = _out(log)
+    _done(records, restarts="1")
+    assert "TERM from SLURM" in out and "restart 1:" in out, out[-4000:]
+    resumed_at = _resumed_at(out)
+    assert 2 <= resumed_at < 12, "the run was not interrupted mid-training"
+    _assert_clean(out)
+    # the batch shell had KillWait seconds to tell; if it did, it told the truth
+    said = [line for line in out.splitlines() if "preempted" in line]
+    assert said in ([], [f"preempted at step {resumed_at}, checkpoint saved, requeued"]), said
+    history = json.loads((out_dir / T / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1]
+    runs = sorted((out_dir / T / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs
 
 
 def _submit(*args: str, cluster: SlurmCluster | None = None, cwd: Path = ROOT):
