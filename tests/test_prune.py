@@ -86,14 +86,18 @@ def live_statistics(model: nn.Module, x: torch.Tensor) -> nn.Module:
         bn.running_mean.copy_(inp.mean(dims))
         bn.running_var.copy_(inp.var(dims, unbiased=False))
 
-    hooks = [bn.register_forward_pre_hook(set_stats) for _, bn in bn_layers(model)]
+    _forward_with(model, x, [bn.register_forward_pre_hook(set_stats) for _, bn in bn_layers(model)])
+    return model
+
+
+def _forward_with(model: nn.Module, x: torch.Tensor, hooks: list) -> None:
+    """One eval-mode forward of `x` with `hooks` registered, removed afterwards."""
     try:
         with torch.no_grad():
             model.eval()(x)
     finally:
         for h in hooks:
             h.remove()
-    return model
 
 
 def _is_se(m: nn.Module) -> bool:  # torchvision's SqueezeExcitation, timm's SqueezeExcite
@@ -120,12 +124,7 @@ def squeeze_excitation_edges(model: nn.Module, x: torch.Tensor) -> tuple[list, s
             hooks.append(m.register_forward_hook(lambda m, a, o: se_out.add(id(o))))
         elif isinstance(m, nn.Conv2d):
             hooks.append(m.register_forward_pre_hook(on_conv))
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_with(model, x, hooks)
     return [bn_out[id(t)] for t in se_in if id(t) in bn_out], readers
 
 
