@@ -35,14 +35,22 @@ def _pick(data: dict, dotted: str):
     return node
 
 
+def _left_out(path: str, value) -> bool:
+    """Runtime-only, or a key added later at the value that reproduces older behaviour."""
+    if any(fnmatch.fnmatchcase(path, p) for p in graph.RUNTIME_ONLY):
+        return True
+    return any(
+        fnmatch.fnmatchcase(path, p) and value == neutral
+        for p, neutral in graph.ADDED_LATER.items()
+    )
+
+
 def _strip(value, prefix: str):
-    """`value` without the runtime-only keys below `prefix`."""
+    """`value` without the keys below `prefix` that do not decide its outputs."""
     if not isinstance(value, dict):
         return value
     return {
-        k: _strip(v, f"{prefix}.{k}")
-        for k, v in value.items()
-        if not any(fnmatch.fnmatchcase(f"{prefix}.{k}", p) for p in graph.RUNTIME_ONLY)
+        k: _strip(v, f"{prefix}.{k}") for k, v in value.items() if not _left_out(f"{prefix}.{k}", v)
     }
 
 

@@ -78,6 +78,14 @@ RUNTIME_ONLY = (
 out of every node's key (`*` matches any section). `cache.dir`/`cache.root` say where the
 cache lives; the cache's identity is its content (see `distill.cache`)."""
 
+ADDED_LATER = {
+    "*.loop.recalibrate_bn": 0,
+}
+"""Keys added after finished runs existed, with the value that reproduces the behaviour from
+before they existed. At that value a key is left out of the node's key, so upgrading kdslim
+does not make finished work stale; any other value enters the key as usual. A new key that
+changes what a stage produces at its default must not be listed here."""
+
 
 @dataclass(frozen=True)
 class Stage:

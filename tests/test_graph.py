@@ -112,6 +112,16 @@ def test_keys_read_what_decides_the_output_and_nothing_else():
     assert values(cfg("cache.storage=topk"), Node("distill-ce", "seed0")) == ce
 
 
+def test_a_key_added_later_leaves_finished_nodes_fresh_at_its_neutral_value():
+    """Upgrading kdslim must not re-run hours of finished work: a record made before
+    `loop.recalibrate_bn` existed has the same key as today's config at its neutral value 0."""
+    node = Node("train", "cifar_airnet-s0")
+    today = freshness.values(cfg(), node)
+    assert "recalibrate_bn" not in today["train.loop"]  # the values a pre-upgrade record has
+    asked = freshness.values(cfg("train.loop.recalibrate_bn=8"), node)
+    assert asked["train.loop"]["recalibrate_bn"] == 8 and asked != today
+
+
 def test_plan_names_only_run_stages():
     bad = run_cli(
         "plan", "--config", "configs/quickstart.yaml", "--stages", "prune,distil", check=False
