@@ -8,6 +8,8 @@ In one process, back to back and alternating over rounds (this machine is shared
   AVX-512 bf16 or AMX, emulated elsewhere), `torch.compile` (inductor, default mode) of the
   NCHW and channels_last models, each as a ratio to float32 NCHW (compilation happens in the
   untimed warm-up steps of the first round and is reported apart);
+- inference images/s (eval mode, `torch.inference_mode`, the cache's batch of 500): float32
+  NCHW against channels_last, as the cache's teachers and every evaluation run;
 - training-view images/s of the data path: a PNG decode per read against the decoded-once
   memory-mapped file (`data.decode_once`), both through the replayable view recipe.
 Peak resident memory is reported beside the rates.
@@ -46,6 +48,18 @@ def step_rate(model, x, y, steps: int, cl: bool, bf16: bool) -> float:
     return steps / (time.perf_counter() - t0)
 
 
+def infer_rate(model, x, steps: int, cl: bool) -> float:
+    """Forward-only images per second in eval mode after one warm-up batch."""
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    model, x = model.eval().to(memory_format=fmt), x.contiguous(memory_format=fmt)
+    with torch.inference_mode():
+        model(x)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            model(x)
+    return steps * len(x) / (time.perf_counter() - t0)
+
+
 def view_rate(dataset, n: int) -> float:
     t0 = time.perf_counter()
     for i in range(n):
@@ -62,8 +76,24 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--images", type=int, default=3000)
+    p.add_argument("--infer-batch", type=int, default=500)
+    p.add_argument(
+        "--parts", default="train,infer,views", help="comma-separated subset of what to time"
+    )
     args = p.parse_args()
+    parts = set(args.parts.split(","))
+    out: dict = {"args": vars(args), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if "train" in parts:
+        out.update(train_section(args))
+    if "infer" in parts:
+        out.update(infer_section(args))
+    if "views" in parts:
+        out.update(view_section(args))
+    out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out, indent=1))
 
+
+def train_section(args) -> dict:
     torch.manual_seed(0)
     modes = {  # (channels_last, bf16, compile)
         "float32": (False, False, False),
@@ -88,7 +118,31 @@ def main() -> None:
         for mode, (cl, bf16, _) in modes.items():
             rates[mode].append(step_rate(models[mode], x, y, args.steps, cl, bf16))
     steps = {m: statistics.median(v) for m, v in rates.items()}
+    return {
+        "train_steps_per_s": steps,
+        "train_steps_per_s_each_round": rates,
+        "over_float32": {m: v / steps["float32"] for m, v in steps.items()},
+        "train_images_per_s": {m: v * args.batch for m, v in steps.items()},
+        "compile_seconds": compile_s,
+    }
 
+
+def infer_section(args) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(args.infer_batch, 3, 32, 32)
+    models = {cl: build_model(args.model, 10, **json.loads(args.kwargs)) for cl in (False, True)}
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(args.rounds):
+        for cl, model in models.items():
+            rates[cl].append(infer_rate(model, x, args.steps, cl))
+    nchw, cl = statistics.median(rates[False]), statistics.median(rates[True])
+    return {
+        "infer_images_per_s": {"float32": nchw, "channels_last": cl},
+        "infer_channels_last_over_float32": cl / nchw,
+    }
+
+
+def view_section(args) -> dict:
     paths = {}
     for once in (False, True):
         cfg = DataConfig(name="cifar10", root=args.data_root, decode_once=once)
@@ -98,24 +152,10 @@ def main() -> None:
         for k, ds in paths.items():
             views[k].append(view_rate(ds, args.images))
     view_s = {k: statistics.median(v) for k, v in views.items()}
-    capability = torch.backends.cpu.get_cpu_capability()
-    print(
-        json.dumps(
-            {
-                "args": vars(args),
-                "cpu_capability": capability,
-                "train_steps_per_s": steps,
-                "train_steps_per_s_each_round": rates,
-                "over_float32": {m: v / steps["float32"] for m, v in steps.items()},
-                "train_images_per_s": {m: v * args.batch for m, v in steps.items()},
-                "compile_seconds": compile_s,
-                "view_images_per_s": view_s,
-                "decode_once_over_per_read": view_s["decode_once"] / view_s["decode_per_read"],
-                "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            },
-            indent=1,
-        )
-    )
+    return {
+        "view_images_per_s": view_s,
+        "decode_once_over_per_read": view_s["decode_once"] / view_s["decode_per_read"],
+    }
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@ import torch
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+def memory_format(run) -> torch.memory_format:
+    """`run.channels_last` as the memory format models and their images are laid out in."""
+    return torch.channels_last if run.channels_last else torch.contiguous_format
+
+
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     """`t` as float32, or unchanged when it is already float64."""
     return t if t.dtype == torch.float64 else t.float()

@@ -22,10 +22,18 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType, broadcast_object_list
+from safetensors.torch import load_file
 from torch import nn
 
 from common.bnstats import eval_collapse, recalibrate_bn
-from common.checkpoint import SHARDED_DIR, CheckpointManager, atomic_dir, commit_dir, save_model
+from common.checkpoint import (
+    MODEL_FILE,
+    SHARDED_DIR,
+    CheckpointManager,
+    atomic_dir,
+    commit_dir,
+    save_model,
+)
 from common.config import ConfigError, LoopConfig, RunConfig, identity_changes
 from common.data import ReplayBatchSampler, Splits, fresh_view_per_epoch, make_loader
 from common.data.loader import ViewChooser
@@ -34,7 +42,7 @@ from common.errors import StageError, TrainingError
 from common.evaluate import evaluate
 from common.logging import write_json
 from common.optim import build_optimizer, lr_at, set_lr
-from common.precision import DTYPES, at_least_float32, cast_floating
+from common.precision import DTYPES, at_least_float32, cast_floating, memory_format
 from common.runtime import StageContext
 
 
@@ -118,6 +126,7 @@ class TrainerState:
 
 
 BEST_DIR = "best"
+EVAL_SPLITS = ("val", "test")
 """The best-on-validation weights so far, in the stage directory (written on improvement)."""
 
 
@@ -171,9 +180,15 @@ class Trainer:
                     "engine, which its partitioned weights do not allow: set it to 0 under "
                     "DeepSpeed"
                 )
+            if not loop.test_every_epoch:
+                raise ConfigError(
+                    f"`{loop_key}.test_every_epoch: false` tests the selected epoch by loading "
+                    "its saved weights into the bare model, which DeepSpeed's partitioned "
+                    "weights do not allow: set it to true under DeepSpeed"
+                )
             self._configure_deepspeed()
         self.dtype = DTYPES[run.dtype]
-        self.memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
+        self.memory_format = memory_format(run)
         # before the optimizer: its state follows the parameters
         model = model.to(dtype=self.dtype, memory_format=self.memory_format)
         if loop.sync_bn:
@@ -347,7 +362,8 @@ class Trainer:
                 )
             if self.splits.val is not None:
                 record.update({f"val_{k}": v for k, v in self.evaluate("val").items()})
-            record.update({f"test_{k}": v for k, v in self.evaluate("test").items()})
+            if last or self.loop.test_every_epoch or self.selection != "val":
+                record.update({f"test_{k}": v for k, v in self.evaluate("test").items()})
             self._warn_if_eval_collapsed()
             if self.selection == "val" and self._improves(record):
                 self.state.selected_epoch = epoch + 1
@@ -357,12 +373,11 @@ class Trainer:
         self.state.history.append(record)
         self.state.epoch = epoch + 1
         self.log.log({k.replace("_", "/", 1): v for k, v in record.items()}, step=self.state.step)
-        if "test_acc" in record:
-            val = f", val acc {record['val_acc']:.4f}" if "val_acc" in record else ""
+        shown = [f"{s} acc {record[s + '_acc']:.4f}" for s in EVAL_SPLITS if s + "_acc" in record]
+        if shown:
             self.log.info(
                 f"epoch {epoch + 1}/{self.loop.epochs}: train loss "
-                f"{record.get('train_loss', float('nan')):.4f}{val}, test acc "
-                f"{record['test_acc']:.4f}"
+                f"{record.get('train_loss', float('nan')):.4f}, " + ", ".join(shown)
             )
         self._checkpoint(elapsed=record["elapsed_s"])
 
@@ -416,9 +431,11 @@ class Trainer:
 
     def _finish(self, start: float) -> dict:
         history = self.state.history
-        evaluated = [h for h in history if "test_acc" in h]
         chosen = self.state.selected_epoch if self.selection == "val" else None
-        selected = next((h for h in evaluated if h["epoch"] == chosen), None)
+        selected = next((h for h in history if h["epoch"] == chosen), None)
+        if selected is not None and "test_acc" not in selected:
+            self._test_selected(selected)
+        evaluated = [h for h in history if "test_acc" in h]
         if selected is None and evaluated:
             selected = evaluated[-1]
         metrics = {
@@ -447,6 +464,14 @@ class Trainer:
             write_json(self.stage_dir / "metrics.json", metrics)
         self.acc.wait_for_everyone()
         return metrics
+
+    def _test_selected(self, record: dict) -> None:
+        """The selected epoch's test numbers, from the weights saved when it was selected
+        (`loop.test_every_epoch: false` evaluated only validation then). The bare model ends
+        the run holding those weights, as `model/` does."""
+        self.acc.wait_for_everyone()  # rank 0 wrote them
+        self.unwrapped.load_state_dict(load_file(str(self.stage_dir / BEST_DIR / MODEL_FILE)))
+        record.update({f"test_{k}": v for k, v in self.evaluate("test").items()})
 
     # -- checks -------------------------------------------------------------------------------
 

@@ -72,6 +72,7 @@ RUNTIME_ONLY = (
     "*.loop.keep_checkpoints",
     "*.loop.resume",
     "*.loop.log_every",
+    "*.loop.test_every_epoch",
     "pipeline.stages",
 )
 """Keys that change how a stage runs or where it writes, never what it produces: they are left

@@ -278,7 +278,8 @@ def verdict(r: dict) -> list[str]:
 
 
 def histories(cfg, m: dict[Node, dict | None]) -> dict[str, list[dict]]:
-    """Per-epoch test accuracy of every trained student, for the accuracy-curve figure."""
+    """The evaluated epochs of every trained student, for the accuracy-curve figure: the
+    validation curve (what selects the epoch, evaluated every epoch) where there is one."""
     labels = {
         "distill-ce": "student CE",
         "distill": "student KD",
@@ -286,7 +287,9 @@ def histories(cfg, m: dict[Node, dict | None]) -> dict[str, list[dict]]:
         "finetune": "pruned + fine-tuned",
     }
     return {
-        f"{labels[n.stage]} {n.instance}".strip(): [h for h in v["history"] if "test_acc" in h]
+        f"{labels[n.stage]} {n.instance}".strip(): [
+            h for h in v["history"] if "val_acc" in h or "test_acc" in h
+        ]
         for n, v in m.items()
         if n.stage in labels and v and v.get("history")
     }

@@ -94,12 +94,14 @@ def results_table(r: dict) -> str:
 def accuracy_curves(histories: dict[str, list[dict]], path: Path) -> Path | None:
     if not histories:
         return None
+    split = "val" if all("val_acc" in h for hist in histories.values() for h in hist) else "test"
+    name = {"val": "validation", "test": "test"}[split]
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for label, hist in histories.items():
-        ax.plot([h["epoch"] for h in hist], [h["test_acc"] for h in hist], marker=".", label=label)
+        ax.plot([h["epoch"] for h in hist], [h[f"{split}_acc"] for h in hist], ".-", label=label)
     ax.set_xlabel("epoch (of each stage)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("students: test accuracy per epoch")
+    ax.set_ylabel(f"{name} accuracy")
+    ax.set_title(f"students: {name} accuracy per epoch")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

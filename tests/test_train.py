@@ -159,6 +159,50 @@ def test_cli_train_on_digits_learns_and_saves_a_rebuildable_model(tmp_path):
 
 
 @pytest.mark.slow
+def test_testing_only_the_selected_epoch_reports_what_testing_every_epoch_does(tmp_path):
+    """`loop.test_every_epoch: false`: validation every epoch, the test split only for the
+    selected epoch (from the weights saved when it was selected) and the last. A user reads
+    the same numbers as when every epoch is tested, and the same as `model/` gives; the node
+    key does not change, so the option never makes finished work stale."""
+    args = ["train", "--config", str(ROOT / "tests/configs/base.yaml"), *SMALL, *F64]
+    # one validation image: once the model gets it right, later epochs tie and the earlier one
+    # is kept, so the selected epoch comes before the last and its test pass runs on weights
+    # reloaded from `best/` (a wrong reload would report the last epoch's accuracy instead)
+    args += ["train.loop.epochs=4", "data.val_fraction=0.001"]
+    run_cli(*args, f"run.out_dir={tmp_path / 'every'}")
+    run_cli(*args, f"run.out_dir={tmp_path / 'once'}", "train.loop.test_every_epoch=false")
+
+    def read(name: str, file: str) -> dict:
+        return json.loads((tmp_path / name / T / file).read_text())
+
+    every, once = read("every", "metrics.json"), read("once", "metrics.json")
+    assert read("every", "key.json")["key"] == read("once", "key.json")["key"]
+    assert [h["val_acc"] for h in once["history"]] == [h["val_acc"] for h in every["history"]]
+    selected, last = once["selected"]["epoch"], once["last"]["epoch"]
+    assert once["splits"]["val"] == 1 and selected < last == 4
+    assert [h["epoch"] for h in once["history"] if "test_acc" in h] == [selected, last]
+    assert once["selected"]["test_acc"] != once["last"]["test_acc"]
+
+    def numbers(record: dict) -> dict:
+        return {k: v for k, v in record.items() if k != "elapsed_s"}
+
+    assert numbers(once["selected"]) == numbers(every["selected"])
+    assert numbers(once["last"]) == numbers(every["last"])
+    assert_same_weights(weights(tmp_path / "once" / T), weights(tmp_path / "every" / T), atol=0)
+    model, _ = load_model(tmp_path / "once" / T / "model")
+    with torch.no_grad():
+        from accelerate import Accelerator
+
+        from common.config import DataConfig
+        from common.data import build_splits
+        from common.evaluate import evaluate
+
+        splits = build_splits(DataConfig(name="digits", image_size=8, pad=1, hflip=False), 0)
+        acc = evaluate(model, splits.test, Accelerator(cpu=True), batch_size=32)["acc"]
+    assert acc == once["selected"]["test_acc"]
+
+
+@pytest.mark.slow
 def test_resume_under_a_changed_config_is_refused(tmp_path):
     """A run stopped after a checkpoint, restarted with another learning rate, must not mix
     the two: refused with the differing key, unless `loop.resume=force` (then recorded)."""

@@ -22,6 +22,7 @@ from common.checkpoint import file_sha256
 from common.config import to_dict
 from common.data import ViewDataset, make_loader
 from common.logging import NullLogger, write_json
+from common.precision import memory_format
 from distill.cache.layout import (
     MANIFEST_FILE,
     SPEC_FILE,
@@ -97,10 +98,12 @@ class ShardWriter:
         num_workers: int,
         rows_per_part: int,
         logger: NullLogger,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ):
         self.root, self.spec, self.dataset, self.ensemble = root, spec, dataset, ensemble
         self.plan, self.views, self.device, self.autocast = plan, views, device, autocast
         self.num_workers, self.log = num_workers, logger
+        self.memory_format = memory_format  # the teachers' (run.channels_last)
         self.part_rows = max(plan.batch_size, rows_per_part // plan.batch_size * plan.batch_size)
         self.storage = spec["storage"]
         self.rows_written = 0  # by this process, in this run (resumed parts do not count)
@@ -125,6 +128,7 @@ class ShardWriter:
             num_workers=cfg.data.num_workers,
             rows_per_part=cfg.cache.rows_per_part,
             logger=logger,
+            memory_format=memory_format(cfg.run),
         )
 
     # -- one shard ------------------------------------------------------------------------------
@@ -169,6 +173,7 @@ class ShardWriter:
         with torch.inference_mode():
             for batch in make_loader(self.dataset, batches, self.num_workers):
                 images = batch["image"].to(self.device, self.dtype, non_blocking=True)
+                images = images.contiguous(memory_format=self.memory_format)
                 with self.autocast():
                     target, per = self.ensemble(images)
                 target, per = target.cpu(), per.cpu()

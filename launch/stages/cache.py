@@ -8,7 +8,7 @@ request is refused with the differences, never moved or rebuilt in place.
 
 from __future__ import annotations
 
-from common.precision import DTYPES
+from common.precision import DTYPES, memory_format
 from distill.cache.layout import (
     MANIFEST_FILE,
     check_format,
@@ -51,7 +51,7 @@ def run(cfg, inputs, ctx) -> dict:
     acc = ctx.accelerator
     dataset = cached_splits(cfg).train
     ensemble = build_ensemble(teachers, dataset.source.num_classes, cfg.cache.ensemble).to(
-        acc.device, DTYPES[cfg.run.dtype]
+        acc.device, DTYPES[cfg.run.dtype], memory_format=memory_format(cfg.run)
     )
     num_shards, mine = shard_assignment(cfg, acc.process_index, acc.num_processes)
     spec = build_spec(wanted, cfg, num_shards, teachers)
