@@ -126,8 +126,8 @@ class TrainerState:
 
 
 BEST_DIR = "best"
-EVAL_SPLITS = ("val", "test")
 """The best-on-validation weights so far, in the stage directory (written on improvement)."""
+EVAL_SPLITS = ("val", "test")
 
 
 class Trainer:

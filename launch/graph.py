@@ -76,8 +76,10 @@ RUNTIME_ONLY = (
     "pipeline.stages",
 )
 """Keys that change how a stage runs or where it writes, never what it produces: they are left
-out of every node's key (`*` matches any section). `cache.dir`/`cache.root` say where the
-cache lives; the cache's identity is its content (see `distill.cache`)."""
+out of every node's key (`*` matches any section). `loop.test_every_epoch` changes only which
+epochs `metrics.json` lists test numbers for; the model and the reported numbers are the same.
+`cache.dir`/`cache.root` say where the cache lives; the cache's identity is its content (see
+`distill.cache`)."""
 
 ADDED_LATER = {
     "*.loop.recalibrate_bn": 0,

@@ -436,3 +436,7 @@ def test_sparsity_trains_under_zero2_with_the_penalty_in_the_loss(tmp_path, teac
     assert_same_weights(one, weights(tmp_path / "zero2" / "sparsity"), bound)
     with pytest.raises(AssertionError, match="sparsity.penalty_in_loss=true"):
         _launch("deepspeed_zero2.yaml", tmp_path / "refused", args=args)
+    # testing only the selected epoch reloads its weights into the bare model: refused, with why
+    no_test = "sparsity.loop.test_every_epoch=false"
+    with pytest.raises(AssertionError, match="test_every_epoch: false.* set it to true"):
+        _launch("deepspeed_zero2.yaml", tmp_path / "refused_test", in_loss, no_test, args=args)
