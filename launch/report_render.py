@@ -110,7 +110,9 @@ def accuracy_curves(histories: dict[str, list[dict]], path: Path) -> Path | None
     return path
 
 
-def collect_figures(out_dir: Path, fig_dir: Path, histories: dict) -> dict[str, Path]:
+def collect_figures(
+    sparsity_dir: Path, prune_dir: Path, fig_dir: Path, histories: dict
+) -> dict[str, Path]:
     """Draw the accuracy curves; copy the sparsity and prune stages' own PNGs."""
     fig_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Path] = {}
@@ -118,9 +120,9 @@ def collect_figures(out_dir: Path, fig_dir: Path, histories: dict) -> dict[str, 
     if curves:
         figures["accuracy"] = curves
     sources = {
-        "gamma_before": out_dir / "sparsity" / "gamma_hist_epoch000.png",
-        "gamma_after": out_dir / "sparsity" / "gamma_hist_final.png",
-        "widths": out_dir / "prune" / "widths.png",
+        "gamma_before": sparsity_dir / "gamma_hist_epoch000.png",
+        "gamma_after": sparsity_dir / "gamma_hist_final.png",
+        "widths": prune_dir / "widths.png",
     }
     for key, src in sources.items():
         if src.is_file():

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from common.logging import write_json, write_text_atomic
+from launch import graph
+from launch.graph import Node
 from launch.report_data import collect, histories, node_metrics
 from launch.report_render import collect_figures, markdown
 
@@ -14,7 +14,12 @@ def run(cfg, inputs, ctx) -> dict:
     metrics = node_metrics(cfg)  # every stage's output files, read once
     report = collect(cfg, metrics)
     if ctx.is_main:
-        figures = collect_figures(Path(cfg.run.out_dir), ctx.stage_dir, histories(cfg, metrics))
+        figures = collect_figures(
+            graph.directory(cfg, Node("sparsity")),
+            graph.directory(cfg, Node("prune")),
+            ctx.stage_dir,
+            histories(cfg, metrics),
+        )
         report["figures"] = {k: str(p) for k, p in figures.items()}
         md = ctx.stage_dir / "report.md"
         write_text_atomic(md, markdown(report, figures, md))

@@ -149,12 +149,7 @@ def test_usr2_requeue_resume_equals_uninterrupted(
     args = PREEMPTIBLE
     out_dir, log = tmp_path / "pre", tmp_path / "pre.out"
     job = _sbatch_train(slurm_cluster, args, out_dir, log, "-N2", "--time=5")
-    ckpts = out_dir / T / "checkpoints"
-    deadline = time.monotonic() + 180
-    while not any(ckpts.glob("ckpt-*")):
-        assert slurm_cluster.in_queue(job), f"job ended before a checkpoint\n{_out(log)}"
-        assert time.monotonic() < deadline, f"no checkpoint after 180 s\n{_out(log)}"
-        time.sleep(0.1)
+    _wait_for_checkpoint(slurm_cluster, job, out_dir / T / "checkpoints", log)
     t0 = time.monotonic()
     slurm_cluster.run("scancel", "--signal=USR2", "--batch", job)
     # the uninterrupted reference: the same two-rank gloo DDP, launched locally
@@ -178,12 +173,17 @@ def test_usr2_requeue_resume_equals_uninterrupted(
     assert len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs
 
 
-def _wait_for_checkpoint(cluster: SlurmCluster, job: str, ckpts: Path, log: Path) -> None:
-    deadline = time.monotonic() + 180
-    while not any(ckpts.glob("ckpt-*")):
-        assert cluster.in_queue(job), f"job ended before a checkpoint\n{_out(log)}"
-        assert time.monotonic() < deadline, f"no checkpoint after 180 s\n{_out(log)}"
+def _wait_in_queue(cluster: SlurmCluster, job: str, log: Path, what: str, done, limit_s: int):
+    """Poll `done()` while the job is queued; fail with its log if it ends or `limit_s` passes."""
+    deadline = time.monotonic() + limit_s
+    while not done():
+        assert cluster.in_queue(job), f"job ended before {what}\n{_out(log)}"
+        assert time.monotonic() < deadline, f"no {what} in {limit_s} s\n{_out(log)}"
         time.sleep(0.1)
+
+
+def _wait_for_checkpoint(cluster: SlurmCluster, job: str, ckpts: Path, log: Path) -> None:
+    _wait_in_queue(cluster, job, log, "checkpoint", lambda: any(ckpts.glob("ckpt-*")), 180)
 
 
 def _elapsed_s(cluster: SlurmCluster, job: str) -> int:
@@ -220,10 +220,9 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(
     minutes = (_elapsed_s(slurm_cluster, job) + 120) // 60
     slurm_cluster.run("scontrol", "update", f"JobId={job}", f"TimeLimit={minutes}")
     t0 = time.monotonic()
-    while "preempted at step" not in _out(log):
-        assert slurm_cluster.in_queue(job), f"job ended without a preemption\n{_out(log)}"
-        assert time.monotonic() - t0 < 120, f"no USR2 120 s after the cut\n{_out(log)}"
-        time.sleep(0.2)
+    _wait_in_queue(
+        slurm_cluster, job, log, "preemption", lambda: "preempted at step" in _out(log), 120
+    )
     print(f"\ntime limit cut -> preempted and requeued: {time.monotonic() - t0:.1f}s")
     slurm_cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
     records = slurm_cluster.wait(job, timeout=300)
