@@ -55,6 +55,9 @@ def test_stage_names_used_outside_the_graph_are_the_graphs():
             text = path.read_text()
             named |= set(re.findall(r'Node\(\s*"([a-z-]+)"', text))
             named |= set(re.findall(r'args\.target [!=]= "([a-z-]+)"', text))
+            named |= set(re.findall(r'stage [!=]= "([a-z-]+)"', text))
+            named |= set(re.findall(r'(?:_of|_students)\(m, "([a-z-]+)"\)', text))
+            named |= set(re.findall(r'ctx\.name\.startswith\("([a-z-]+)"\)', text))
     named -= set(COMMANDS)  # pipeline, plan, models: commands, not stages
     assert named and named <= set(graph.BY_NAME), named - set(graph.BY_NAME)
 
