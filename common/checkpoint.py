@@ -22,8 +22,6 @@ a warning, falling back to the next older checkpoint.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import os
 import shutil
@@ -38,13 +36,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.errors import ModelFileError
+from common.files import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    SPEC_FILE,
+    verify_manifest,
+    write_manifest,
+)
 from common.models import build_model
 from common.models.fold import restructure
 from common.precision import match_state_precision
 
-MODEL_FILE, SPEC_FILE = "model.safetensors", "model.json"
 _CKPT_PREFIX = "ckpt-"
-MANIFEST_FILE = "manifest.json"
 SHARDED_DIR = "deepspeed"
 """DeepSpeed engine checkpoint inside a ckpt dir (ZeRO optimizer shards, one file per rank)."""
 
@@ -138,49 +141,6 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict]:
             f"does not belong to {d / SPEC_FILE}; re-create it with the stage that wrote it"
         ) from None
     return model, spec
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks; remembered per (inode, size,
-    modification time), since freshness checks ask for the same teachers' hashes often."""
-    st = Path(path).stat()
-    return _sha256(str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=256)
-def _sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_manifest(directory: Path) -> None:
-    """Record size and SHA-256 of every file under `directory`; written last."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
-    entries = {
-        str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
-        for p in files
-    }
-    (directory / MANIFEST_FILE).write_text(json.dumps({"files": entries}, indent=1))
-
-
-def verify_manifest(directory: Path) -> str | None:
-    """None when every file listed in the manifest is present and intact, else why not."""
-    try:
-        entries = json.loads((directory / MANIFEST_FILE).read_text())["files"]
-    except (OSError, ValueError, KeyError) as e:
-        return f"unreadable {MANIFEST_FILE}: {e}"
-    for rel, want in entries.items():
-        p = directory / rel
-        if not p.is_file():
-            return f"{rel} is missing"
-        if p.stat().st_size != want["size"]:
-            return f"{rel} has {p.stat().st_size} bytes, the manifest says {want['size']}"
-        if file_sha256(p) != want["sha256"]:
-            return f"{rel} does not match its SHA-256 in the manifest"
-    return None
 
 
 class CheckpointManager:

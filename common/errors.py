@@ -1,7 +1,7 @@
 """The failures a user can fix, as one family of exceptions.
 
 The command line catches `KdslimError` and prints its message as one line with a non-zero exit
-(`launch/__main__.py`); anything else is a bug and keeps its traceback. Each message names what
+(`launch/cli.py`); anything else is a bug and keeps its traceback. Each message names what
 is wrong (the key, the file, the value) and what to do about it.
 """
 

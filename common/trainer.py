@@ -102,7 +102,7 @@ class CrossEntropyTask:
 
 class Preempted(Exception):
     """Raised after a checkpoint when the scheduler asked us to stop (SIGUSR2/SIGTERM); `step`
-    is the step that checkpoint holds (launch/__main__.py turns it into the exit status)."""
+    is the step that checkpoint holds (launch/cli.py turns it into the exit status)."""
 
     def __init__(self, step: int):
         super().__init__(f"stopped at step {step}; checkpoint saved")

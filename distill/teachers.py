@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.checkpoint import MODEL_FILE, file_sha256, load_model, model_spec, read_spec
+from common.checkpoint import load_model, model_spec, read_spec
 from common.errors import ConfigError, ModelFileError
+from common.files import MODEL_FILE, file_sha256
 from common.models import build_model
 from common.precision import at_least_float32
 from distill.config import TeacherConfig

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from common.checkpoint import MODEL_FILE, SPEC_FILE, atomic_dir, load_model, write_model_files
+from common.checkpoint import atomic_dir, load_model, write_model_files
 from common.data import build_splits
 from common.errors import KdslimError
+from common.files import MODEL_FILE, SPEC_FILE
 from common.logging import write_json
 from common.models.fold import fold_batchnorm
 

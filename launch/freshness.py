@@ -19,8 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.checkpoint import MODEL_FILE, SPEC_FILE, file_sha256
 from common.config import identity_changes, to_dict
+from common.files import MODEL_FILE, SPEC_FILE, file_sha256
 from common.logging import read_json_if_any, write_json
 from launch import graph
 from launch.graph import Node

@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from common.checkpoint import MODEL_FILE, SPEC_FILE
 from common.config import ConfigError, ModelConfig, to_dict
 from common.errors import KdslimError
+from common.files import MODEL_FILE, SPEC_FILE
 from distill.cache.layout import MANIFEST_FILE, identity_of
-from distill.cache.setup import cache_root, request, teacher_configs
 
 Resources = Literal["train", "single", "array"]
 """How a node runs on a cluster: `train` on every node and GPU of a training job, `single` as
@@ -244,12 +243,16 @@ def _report_inputs(cfg, _i: str) -> dict[str, Input | list[Input]]:
 def _cache_teachers(cfg):
     """The teacher configs the cache is made from (this run's members' model directories, or
     `cache.teachers`): what names its request and, under `cache.dir: auto`, its directory."""
+    from distill.cache.setup import teacher_configs  # imports torch: only when a run needs it
+
     trained = [artifact(cfg, t) for t in _teachers(cfg) if isinstance(t, Node)]
     return teacher_configs(cfg, trained)
 
 
 def _cache_in_place(cfg) -> bool:
     """A complete cache equal to this configuration's request is in `cache_root`."""
+    from distill.cache.setup import cache_root, request
+
     try:
         teachers = _cache_teachers(cfg)
         manifest = cache_root(cfg, teachers) / MANIFEST_FILE
@@ -387,6 +390,8 @@ def directory(cfg, node: Node) -> Path:
 def artifact(cfg, node: Node) -> Path:
     """The path another node reads from `node`: its model directory, or the cache itself."""
     if node.stage == "cache":
+        from distill.cache.setup import cache_root
+
         return cache_root(cfg, _cache_teachers(cfg))
     stage = BY_NAME[node.stage]
     d = directory(cfg, node)

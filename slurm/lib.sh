@@ -10,7 +10,7 @@
 #   -> the wrapper signals the training processes (the launcher's children, or the single
 #      python process) -> every rank sets its stop flag, the ranks agree through an all-reduce,
 #      rank 0 writes a checkpoint
-#   -> every rank writes the step into $KDSLIM_PREEMPT_FILE and exits 0 (launch/__main__.py)
+#   -> every rank writes the step into $KDSLIM_PREEMPT_FILE and exits 0 (launch/cli.py)
 #   -> the batch shell finds the file: exit status 75 (EX_TEMPFAIL, "stopped after a
 #      checkpoint"), `scontrol requeue`, one line "preempted at step N, checkpoint saved,
 #      requeued", exit 75; the requeued job resumes from the newest checkpoint (same command,

@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from common.checkpoint import MANIFEST_FILE, MODEL_FILE, CheckpointManager, verify_manifest
+from common.checkpoint import CheckpointManager
+from common.files import MANIFEST_FILE, MODEL_FILE, verify_manifest
 from tests.conftest import PY, ROOT, cli_command, cli_env, interrupt, run_cli
 from tests.equivalence import assert_same_weights, weights
 from tests.test_train import SMALL, T

@@ -12,7 +12,7 @@ import pytest
 
 from common.config import ConfigError, load_config
 from launch import freshness, graph
-from launch.__main__ import COMMANDS
+from launch.cli import COMMANDS
 from launch.config import Config
 from launch.graph import Node
 from tests.conftest import ROOT, cli_env, run_cli

@@ -15,10 +15,10 @@ import datasets
 import numpy as np
 import torch
 
-from common.checkpoint import file_sha256
 from common.config import DataConfig, from_dict
 from common.data import ViewDataset, build_splits
 from common.errors import CacheError, KdslimError
+from common.files import file_sha256
 from common.precision import DTYPES
 from distill.cache.layout import identity_of, shard_name
 from distill.cache.reader import LogitCache

@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from common.checkpoint import file_sha256
 from common.config import to_dict
 from common.data import ViewDataset, make_loader
+from common.files import file_sha256
 from common.logging import NullLogger, write_json
 from common.precision import memory_format
 from distill.cache.layout import (

@@ -1,0 +1,59 @@
+"""The names, hashes and manifests of the files kdslim writes.
+
+Torch-free on purpose: the command line, the stage graph and the freshness checks name and
+hash these files without paying for `import torch` (`kdslim --help` and `kdslim plan` start in
+a fraction of a second); `common.checkpoint` writes and reads what they name.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from pathlib import Path
+
+MODEL_FILE, SPEC_FILE = "model.safetensors", "model.json"
+MANIFEST_FILE = "manifest.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks; remembered per (inode, size,
+    modification time), since freshness checks ask for the same teachers' hashes often."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Record size and SHA-256 of every file under `directory`; written last."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    entries = {
+        str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in files
+    }
+    (directory / MANIFEST_FILE).write_text(json.dumps({"files": entries}, indent=1))
+
+
+def verify_manifest(directory: Path) -> str | None:
+    """None when every file listed in the manifest is present and intact, else why not."""
+    try:
+        entries = json.loads((directory / MANIFEST_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"unreadable {MANIFEST_FILE}: {e}"
+    for rel, want in entries.items():
+        p = directory / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != want["size"]:
+            return f"{rel} has {p.stat().st_size} bytes, the manifest says {want['size']}"
+        if file_sha256(p) != want["sha256"]:
+            return f"{rel} does not match its SHA-256 in the manifest"
+    return None
