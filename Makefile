@@ -11,7 +11,14 @@ export GLOO_SOCKET_IFNAME ?= lo
 # What an older or different x86-64 CPU gives: oneDNN and ATen limited to AVX2 kernels.
 PORTABLE_ENV := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
 
-.PHONY: install quickstart test test-portable cpu-info lint format clean
+.PHONY: install quickstart test test-portable test-all cpu-info lint format clean
+
+# pytest on both cores (pytest-xdist); the SLURM tests stay together on one worker (one local
+# cluster a session: tests/conftest.py); the 20 slowest tests are listed at the end.
+PYTEST := WANDB_MODE=disabled $(PY) -m pytest -q -n 2 --durations=20
+# What `make test` leaves to `make test-all`: tests marked `extended` (the full SLURM matrix,
+# long end-to-end runs), each repeating in kind a proof that the fast tier makes.
+FAST := -m "not extended"
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,14 +39,20 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# The whole suite, then the numerically sensitive tests (marker `numerics`) again under AVX2
-# kernels: equivalence must not depend on which kernels this CPU picks.
+# The fast tier (at most 15 minutes on an idle 2-core machine, BENCHMARKS.md "Test suite"),
+# then its numerically sensitive tests (marker `numerics`) again under AVX2 kernels:
+# equivalence must not depend on which kernels this CPU picks.
 test: $(STAMP) lint cpu-info
-	WANDB_MODE=disabled $(PY) -m pytest -q
+	$(PYTEST) $(FAST)
 	$(MAKE) --no-print-directory test-portable
 
 test-portable: $(STAMP)
-	$(PORTABLE_ENV) WANDB_MODE=disabled $(PY) -m pytest -q -m numerics
+	$(PORTABLE_ENV) $(PYTEST) -m "numerics and not extended"
+
+# Every test (contributors, before a change lands), and every `numerics` test under AVX2.
+test-all: $(STAMP) lint cpu-info
+	$(PYTEST)
+	$(PORTABLE_ENV) $(PYTEST) -m numerics
 
 cpu-info: $(STAMP)
 	@grep -m1 "model name" /proc/cpuinfo || true

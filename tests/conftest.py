@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -16,79 +14,59 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
+from tests.artifacts import (
+    build_reference_cache,
+    build_teachers,
+    built_once,
+    cdir,
+    teacher_paths,
+)
+from tests.cli import PY, ROOT, cli_command, cli_env, free_port, run_cli
+
+__all__ = ["PY", "ROOT", "cli_command", "cli_env", "free_port", "run_cli"]
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 # decoded-once datasets (common/data/decoded.py) go to a throwaway directory, not ~/.cache
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="kdslim-tests-")
-# Tests share 2 cores with the subprocesses they start: one thread each avoids oversubscription
+# DeepSpeed JIT-compiles its CPU communication op on first use (~25 s): build it once per
+# environment, not once per test session (torch's build lock serialises concurrent workers)
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+# Tests share 2 cores with the workers they fork: one thread each avoids oversubscription
 # (10-20x slowdowns were measured with the default under load).
 torch.set_num_threads(1)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """pytest-xdist: one test at a time to whichever worker is free, except the SLURM tests,
+    which all go to one worker: one local cluster per session (a session fixture), started
+    once. (xdist's own `--dist loadgroup` marks tests by rewriting node ids, which pytest 9
+    no longer reads; grouping by path needs no marker.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneSlurmWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "slurm" if nodeid.startswith("tests/slurm/") else nodeid
+
+    return OneSlurmWorker(config, log)
 
 
-def cli_env(**extra) -> dict:
-    env = dict(os.environ)
-    env.update(
-        WANDB_MODE="disabled",
-        GLOO_SOCKET_IFNAME="lo",
-        ACCELERATE_USE_CPU="1",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=str(ROOT),
-    )
-    env.update(extra)
-    return env
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """One directory for the whole session, shared by every pytest-xdist worker."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent
 
 
-def cli_command(*args: str, processes: int = 1) -> list[str]:
-    """`python -m launch ...`, or the same under `accelerate launch` with N CPU processes."""
-    if processes == 1:
-        return [PY, "-m", "launch", *args]
-    return [
-        PY,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "launch",
-        *args,
-    ]
+@pytest.fixture(scope="session")
+def teachers(shared_dir: Path) -> list[str]:
+    """Two small random teachers, saved as `train` saves models (`tests/artifacts.py`)."""
+    return teacher_paths(built_once(shared_dir, "teachers", build_teachers))
 
 
-def run_cli(
-    *args: str,
-    processes: int = 1,
-    timeout: float = 600,
-    check: bool = True,
-    env: dict | None = None,
-) -> subprocess.CompletedProcess:
-    """Run `cli_command(*args, processes)` to completion; raise with its output on failure."""
-    cmd = cli_command(*args, processes=processes)
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=env or cli_env(), capture_output=True, text=True, timeout=timeout
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
-            f"\n--- stderr\n{proc.stderr[-6000:]}"
-        )
-    return proc
+@pytest.fixture(scope="session")
+def reference_cache(shared_dir: Path, teachers: list[str]) -> Path:
+    """The single-process cache of `teachers` other caches are compared with (read-only)."""
+    return cdir(built_once(shared_dir, "reference", build_reference_cache(teachers)))
 
 
 def png_bytes(arr: np.ndarray) -> bytes:

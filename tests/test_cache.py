@@ -16,72 +16,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from common.checkpoint import model_spec, save_model
 from common.config import load_config
-from common.models import build_model
 from distill.cache import CacheError, LogitCache
 from distill.cache.setup import request, teacher_configs
 from launch.config import Config
+from tests.artifacts import N, cache_args, cdir, copy_of
 from tests.conftest import PY, ROOT, cli_env, run_cli
-
-DATA = [
-    "data.image_size=8",
-    "data.pad=1",
-    "data.hflip=false",
-    "data.train_subset=150",
-    "logging.progress=false",
-]
-N = 135
-"""Training samples in DATA: 150, less the validation split's 10%."""
-
-
-def cdir(out: Path) -> Path:
-    """Where the `cache` stage of run `out` keeps the cache itself (its default)."""
-    return out / "cache" / "data"
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory) -> list[str]:
-    """Two small teachers with fixed random weights (the cache cares about consistency, not
-    accuracy), saved as `train` would save them."""
-    root = tmp_path_factory.mktemp("teachers")
-    paths = []
-    for i, name in enumerate(["cifar_resnet20", "cifar_resnet20"]):
-        torch.manual_seed(i)
-        model = build_model(name, 10)
-        paths.append(str(save_model(root / f"t{i}", model.eval(), model_spec(name, 10))))
-    return paths
-
-
-def cache_args(out: Path, teachers: list[str], *extra: str) -> list[str]:
-    tlist = "[" + ",".join(f"{{path: {p}}}" for p in teachers) + "]"
-    return [
-        "--config",
-        str(ROOT / "tests/configs/base.yaml"),
-        f"run.out_dir={out}",
-        *DATA,
-        f"cache.teachers={tlist}",
-        "cache.views=3",
-        "cache.batch_size=32",
-        "cache.rows_per_part=64",
-        "cache.per_teacher=true",
-        *extra,
-    ]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, teachers) -> Path:
-    """One single-process cache that the other runs are compared with (read-only)."""
-    out = tmp_path_factory.mktemp("reference")
-    run_cli("cache", *cache_args(out, teachers))
-    return cdir(out)
-
-
-def copy_of(reference: Path, tmp_path: Path) -> Path:
-    """A copy of the reference run's `cache` node (its stage directory, the cache inside):
-    complete in the copy as in the original, since a node's key ignores `run.out_dir`."""
-    shutil.copytree(reference.parent, tmp_path / "cache")
-    return tmp_path
 
 
 def all_rows(root: Path) -> dict[str, np.ndarray]:
@@ -105,9 +45,9 @@ def assert_same_rows(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_write_exactly_the_rows_of_one(tmp_path, teachers, reference):
+def test_two_processes_write_exactly_the_rows_of_one(tmp_path, teachers, reference_cache):
     run_cli("cache", *cache_args(tmp_path / "two", teachers), processes=2)
-    one, two = all_rows(reference), all_rows(cdir(tmp_path / "two"))
+    one, two = all_rows(reference_cache), all_rows(cdir(tmp_path / "two"))
     assert_same_rows(one, two)
     # no sampler padding, every (sample, view) once at row sample * 3 + view, and nothing but
     # the targets stored: the keys are the positions
@@ -132,7 +72,7 @@ def test_two_processes_write_exactly_the_rows_of_one(tmp_path, teachers, referen
 
 
 @pytest.mark.slow
-def test_job_array_tasks_build_the_same_cache(tmp_path, teachers, reference):
+def test_job_array_tasks_build_the_same_cache(tmp_path, teachers, reference_cache):
     args = cache_args(tmp_path / "arr", teachers)
     for task in (1, 0):  # array tasks finish in any order; the last one writes the manifest
         proc = run_cli(
@@ -143,11 +83,11 @@ def test_job_array_tasks_build_the_same_cache(tmp_path, teachers, reference):
             ),
         )
         assert ("complete in" in proc.stdout) == (task == 0)
-    assert_same_rows(all_rows(reference), all_rows(cdir(tmp_path / "arr")))
+    assert_same_rows(all_rows(reference_cache), all_rows(cdir(tmp_path / "arr")))
 
 
 @pytest.mark.slow
-def test_killed_cache_resumes_missing_parts_only(tmp_path, teachers, reference):
+def test_killed_cache_resumes_missing_parts_only(tmp_path, teachers, reference_cache):
     args = cache_args(tmp_path / "k", teachers, "cache.rows_per_part=32")
     proc = subprocess.Popen(
         [PY, "-m", "launch", "cache", *args],
@@ -159,6 +99,7 @@ def test_killed_cache_resumes_missing_parts_only(tmp_path, teachers, reference):
     parts = cdir(tmp_path / "k") / "parts/shard-00000-of-00001"
     deadline = time.time() + 300
     while time.time() < deadline and len(list(parts.glob("part-*"))) < 2:
+        assert proc.poll() is None, "the cache run ended before it could be killed"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -188,7 +129,7 @@ def test_killed_cache_resumes_missing_parts_only(tmp_path, teachers, reference):
         time.sleep(0.02)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    assert_same_rows(all_rows(cdir(tmp_path / "k")), all_rows(reference))
+    assert_same_rows(all_rows(cdir(tmp_path / "k")), all_rows(reference_cache))
     manifest = (cdir(tmp_path / "k") / "manifest.json").stat().st_mtime_ns
     again = run_cli("cache", *args)  # complete: a no-op
     assert "[cache] skipped: complete" in again.stdout
@@ -197,8 +138,8 @@ def test_killed_cache_resumes_missing_parts_only(tmp_path, teachers, reference):
 
 
 @pytest.mark.slow
-def test_mismatched_caches_are_refused(tmp_path, teachers, reference):
-    shutil.copytree(reference, tmp_path / "shared")
+def test_mismatched_caches_are_refused(tmp_path, teachers, reference_cache):
+    shutil.copytree(reference_cache, tmp_path / "shared")
     root = tmp_path / "shared"
 
     def expectation(*overrides):
@@ -226,8 +167,8 @@ def test_mismatched_caches_are_refused(tmp_path, teachers, reference):
 
 
 @pytest.mark.slow
-def test_verify_catches_a_truncated_shard(tmp_path, teachers, reference):
-    copy_of(reference, tmp_path)
+def test_verify_catches_a_truncated_shard(tmp_path, teachers, reference_cache):
+    copy_of(reference_cache, tmp_path)
     [arrow] = list(cdir(tmp_path).glob("shard-*/*.arrow"))
     data = arrow.read_bytes()
     arrow.write_bytes(data[: len(data) // 2])
@@ -238,12 +179,12 @@ def test_verify_catches_a_truncated_shard(tmp_path, teachers, reference):
         LogitCache(cdir(tmp_path)).rows(np.array([0]), np.array([0]))
 
 
-def test_verify_cache_checks_a_directory_alone(tmp_path, reference):
+def test_verify_cache_checks_a_directory_alone(tmp_path, reference_cache):
     """`verify-cache --cache DIR` needs no configuration: checksums and keys always, re-scoring
     from the data and teachers the manifest records while they are still there."""
-    good = run_cli("verify-cache", "--cache", str(reference))
+    good = run_cli("verify-cache", "--cache", str(reference_cache))
     assert f"verify-cache: OK: {N * 3} rows complete, checksums match, 64 re-scored" in good.stdout
-    copy = cdir(copy_of(reference, tmp_path))
+    copy = cdir(copy_of(reference_cache, tmp_path))
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["source"]["teachers"][1]["path"] = str(tmp_path / "moved")
     (copy / "manifest.json").write_text(json.dumps(manifest))
@@ -260,10 +201,10 @@ def test_verify_cache_checks_a_directory_alone(tmp_path, reference):
 
 
 @pytest.mark.slow
-def test_topk_storage_keeps_top_classes_and_tail_mass(tmp_path, teachers, reference):
+def test_topk_storage_keeps_top_classes_and_tail_mass(tmp_path, teachers, reference_cache):
     topk = ["cache.storage=topk", "cache.topk=3", "cache.per_teacher=false"]
     run_cli("cache", *cache_args(tmp_path / "top", teachers, *topk))
-    full, top = all_rows(reference), all_rows(cdir(tmp_path / "top"))
+    full, top = all_rows(reference_cache), all_rows(cdir(tmp_path / "top"))
     assert top["topk_idx"].dtype == np.int16 and top["topk_logp"].shape == (N * 3, 3)
     ref = torch.log_softmax(torch.from_numpy(full["logits"].copy()).float(), -1)
     vals, idx = ref.topk(3, -1)
@@ -293,7 +234,7 @@ def test_topk_storage_keeps_top_classes_and_tail_mass(tmp_path, teachers, refere
 
 
 @pytest.mark.slow
-def test_int8_storage_is_within_a_step_of_full_logits(tmp_path, teachers, reference):
+def test_int8_storage_is_within_a_step_of_full_logits(tmp_path, teachers, reference_cache):
     """int8 rows: every class's logit as a uint8 step of the row's own range, C + 4 bytes."""
     int8 = ["cache.storage=int8", "cache.per_teacher=false"]
     run_cli("cache", *cache_args(tmp_path / "q", teachers, *int8))
@@ -301,10 +242,10 @@ def test_int8_storage_is_within_a_step_of_full_logits(tmp_path, teachers, refere
     stored = all_rows(root)
     assert stored["logits_q"].dtype == np.uint8 and stored["logits_q"].shape == (N * 3, 10)
     assert datasets.load_from_disk(str(root / "shard-00000-of-00001")).data.nbytes == N * 3 * 14
-    full = torch.from_numpy(all_rows(reference)["logits"].copy()).float()
+    full = torch.from_numpy(all_rows(reference_cache)["logits"].copy()).float()
     got = LogitCache(root).rows(np.arange(N).repeat(3), np.tile(np.arange(3), N))["logits"]
     step = torch.from_numpy(stored["logits_step"].copy()).float()[:, None]
-    # half a step of quantisation, plus the float16 rounding of the reference (2^-11 relative
+    # half a step of quantisation, plus the float16 rounding of the reference_cache (2^-11 relative
     # of logits up to ~5) and of the row's lower end
     assert ((got - full).abs() <= step / 2 + 5e-3).all()
     assert (got.argmax(-1) == full.argmax(-1)).float().mean() > 0.99
@@ -313,9 +254,9 @@ def test_int8_storage_is_within_a_step_of_full_logits(tmp_path, teachers, refere
 
 
 def test_reader_reads_by_position_refuses_old_formats_and_third_party_loaders_work(
-    tmp_path, reference
+    tmp_path, reference_cache
 ):
-    root = reference
+    root = reference_cache
     cache = LogitCache(root)
     sids, vids = np.array([N - 1, 0, 17, 17]), np.array([0, 2, 1, 2])
     got = cache.rows(sids, vids)["logits"]
@@ -328,7 +269,7 @@ def test_reader_reads_by_position_refuses_old_formats_and_third_party_loaders_wo
         cache.rows(np.array([0]), np.array([3]))
     with pytest.raises(CacheError, match="sample ids"):
         cache.rows(np.array([N]), np.array([0]))
-    old = cdir(copy_of(reference, tmp_path))
+    old = cdir(copy_of(reference_cache, tmp_path))
     manifest = json.loads((old / "manifest.json").read_text())
     (old / "manifest.json").write_text(json.dumps({**manifest, "format": 2}))
     with pytest.raises(CacheError, match="format-2 logit cache; this kdslim reads format 3"):
@@ -345,14 +286,14 @@ def test_bf16_cache_verifies_under_its_recorded_precision(tmp_path, teachers):
 
 
 @pytest.mark.slow
-def test_auto_cache_dir_is_named_by_content_and_shared(tmp_path, teachers, reference):
+def test_auto_cache_dir_is_named_by_content_and_shared(tmp_path, teachers, reference_cache):
     """`cache.dir: auto`: one directory per request under `cache.root`, so runs that ask for
     the same cache share it (the second writes nothing) and another request gets its own."""
     auto = ["cache.dir=auto", f"cache.root={tmp_path / 'caches'}"]
     first = run_cli("cache", *cache_args(tmp_path / "a", teachers, *auto))
     [made] = list((tmp_path / "caches").iterdir())
     assert "complete in" in first.stdout and str(made) in first.stdout
-    assert_same_rows(all_rows(made), all_rows(reference))
+    assert_same_rows(all_rows(made), all_rows(reference_cache))
     second = run_cli("cache", *cache_args(tmp_path / "b", teachers, *auto))
     assert "0 rows written" in second.stdout and str(made) in second.stdout
     run_cli("cache", *cache_args(tmp_path / "c", teachers, *auto, "cache.views=2"))

@@ -175,7 +175,7 @@ def test_views_identical_across_workers_and_processes(parquet_cifar, recipe):
     assert single.keys() == two_workers.keys()
     assert all(torch.equal(single[k], two_workers[k]) for k in single)
 
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # ranks with torch imported already (spawn re-imports it)
     queue = ctx.Queue()
     procs = [
         ctx.Process(target=_render_rank, args=(r, 2, str(parquet_cifar), recipe, queue))

@@ -26,7 +26,8 @@ from common.config import load_config
 from common.distributed import configure_deepspeed
 from common.models import build_model
 from launch.config import Config
-from tests.conftest import PY, ROOT, cli_env, free_port, interrupt
+from tests.artifacts import DATA, cache_args
+from tests.conftest import ROOT, cli_env, interrupt, run_cli
 from tests.equivalence import (
     EXACT,
     F64,
@@ -35,7 +36,6 @@ from tests.equivalence import (
     weights,
     write_init,
 )
-from tests.test_cache import DATA, cache_args, teachers  # noqa: F401 - shared fixture
 from tests.test_distill import DISTILL, steps
 from tests.test_train import SMALL, T
 
@@ -147,36 +147,24 @@ def _launch(
     timeout: float = 400,
     use_cpu_env=False,
     args: list[str] = ARGS,
+    launcher: str = "inprocess",
 ):
-    import subprocess
-
-    if config_file is None:
-        cmd = [PY, "-m", "launch", *args, *extra, f"run.out_dir={out}"]
-    else:
-        cmd = [
-            PY,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(ACC / config_file),
-            "--main_process_port",
-            str(free_port()),
-            "-m",
-            "launch",
-            *args,
-            *extra,
-            f"run.out_dir={out}",
-        ]
+    """One process, or `accelerate launch --config_file configs/accelerate/<config_file>`
+    (forked workers with the environment accelerate computes from that file, or the real
+    launcher with `launcher="subprocess"`)."""
     env = cli_env()
     if not use_cpu_env:
         env.pop("ACCELERATE_USE_CPU", None)  # the config files alone must be enough
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}"
-            f"\n--- stderr\n{proc.stderr[-6000:]}"
-        )
-    return proc
+    flags = None if config_file is None else ["--config_file", str(ACC / config_file)]
+    return run_cli(
+        *args,
+        *extra,
+        f"run.out_dir={out}",
+        flags=flags,
+        env=env,
+        timeout=timeout,
+        launcher=launcher,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +213,10 @@ def _metrics(stage_dir: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.numerics
 def test_cpu2_config_starts_two_ranks_of_one_group(tmp_path, inits, reference):
-    _launch("cpu2.yaml", tmp_path, "train.loop.max_steps=3", inits[0], *F64)
+    """Through the real `accelerate launch` (the other launches here fork their workers with
+    the environment accelerate computes): the shipped config file starts one gloo group."""
+    args = ("train.loop.max_steps=3", inits[0], *F64)
+    _launch("cpu2.yaml", tmp_path, *args, launcher="subprocess")
     m = _metrics(tmp_path / T)
     # world_size 2 and a test count summed over both ranks: one group, not two rank-0 copies
     assert m["world_size"] == 2
@@ -308,7 +299,7 @@ def test_deepspeed_bf16_trains_under_torch_autocast(tmp_path, inits, reference):
     assert abs(zero - exact) > 1e-5 * exact
 
 
-def _online(tmp_path: Path, teachers: list[str], *extra: str) -> list[str]:  # noqa: F811
+def _online(tmp_path: Path, teachers: list[str], *extra: str) -> list[str]:
     return [
         "distill",
         *cache_args(
@@ -338,7 +329,7 @@ def student_inits(tmp_path_factory) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def zero3_straight(tmp_path_factory, teachers, student_inits) -> Path:  # noqa: F811
+def zero3_straight(tmp_path_factory, teachers, student_inits) -> Path:
     out = tmp_path_factory.mktemp("zero3")
     args = _online(out, teachers, student_inits[0])
     out.joinpath("stdout").write_text(
@@ -351,7 +342,7 @@ def zero3_straight(tmp_path_factory, teachers, student_inits) -> Path:  # noqa: 
 @pytest.mark.numerics
 def test_zero3_shards_the_live_teacher_and_distills_like_one_process(
     tmp_path,
-    teachers,  # noqa: F811
+    teachers,
     student_inits,
     zero3_straight,
 ):
@@ -388,7 +379,7 @@ def test_zero3_shards_the_live_teacher_and_distills_like_one_process(
 
 
 @pytest.mark.slow
-def test_zero3_online_distill_resumes_exactly(tmp_path, teachers, student_inits, zero3_straight):  # noqa: F811
+def test_zero3_online_distill_resumes_exactly(tmp_path, teachers, student_inits, zero3_straight):
     args = [*_online(tmp_path, teachers, student_inits[0]), "distill.loop.checkpoint_every_steps=1"]
     _launch("deepspeed_zero3.yaml", tmp_path, "distill.loop.max_steps=3", args=args)
     interrupt(tmp_path / "distill" / "seed0", after_step=2)
@@ -404,7 +395,7 @@ def test_zero3_online_distill_resumes_exactly(tmp_path, teachers, student_inits,
 
 @pytest.mark.slow
 @pytest.mark.numerics
-def test_sparsity_trains_under_zero2_with_the_penalty_in_the_loss(tmp_path, teachers):  # noqa: F811
+def test_sparsity_trains_under_zero2_with_the_penalty_in_the_loss(tmp_path, teachers):
     """One step from a random-init model, whose train-mode BatchNorms make the dynamics too
     sensitive for a multi-step floor (a 6e-8 nudge of the weights moves the next loss by 1e-5).
     One step has no dynamics to amplify anything: from the same (float32-exact) weights the

@@ -14,9 +14,9 @@ from common.data import build_splits
 from distill.cache.writer import quantize
 from distill.losses import kd_loss, kd_loss_topk, topk_to_logits
 from distill.task import teacher_test_logits
+from tests.artifacts import cache_args
 from tests.conftest import run_cli
 from tests.equivalence import EXACT, F64, assert_same_weights, weights
-from tests.test_cache import cache_args, teachers  # noqa: F401 - shared fixture
 
 
 def reference_kd(s, t, y, T, alpha):
@@ -169,7 +169,7 @@ def steps(stage_dir) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.numerics
-def test_cached_kd_follows_online_kd_on_the_same_views(tmp_path, teachers):  # noqa: F811
+def test_cached_kd_follows_online_kd_on_the_same_views(tmp_path, teachers):
     """With the teachers and the cache in float64, a student trained on cached targets is the
     student trained on live ones: the cache replays exactly the views the teachers saw."""
     args = cache_args(
@@ -203,7 +203,7 @@ def test_cached_kd_follows_online_kd_on_the_same_views(tmp_path, teachers):  # n
 
 @pytest.mark.slow
 @pytest.mark.numerics
-def test_two_process_distill_equals_one_process_and_mismatch_is_refused(tmp_path, teachers):  # noqa: F811
+def test_two_process_distill_equals_one_process_and_mismatch_is_refused(tmp_path, teachers):
     args = cache_args(
         tmp_path, teachers, *F64, *DISTILL, "distill.loop.epochs=1", "distill.loop.max_steps=3"
     )

@@ -79,7 +79,7 @@ SMALL = [
 ]
 
 
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(600)
 def test_recipe_runs_end_to_end_on_your_own_images(tmp_path):
     data = colour_folder(tmp_path / "images")
     files = hub_cache(tmp_path / "torch")

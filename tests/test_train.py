@@ -252,6 +252,7 @@ def test_diverging_run_fails_and_saves_nothing(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # inductor compiles for ~40 s; the eager path is proved everywhere else
 def test_compiled_training_equals_eager(tmp_path):
     """`run.compile`: the same 3 steps through inductor land on the eager run's weights (in
     float64: to rounding, inductor fuses and reorders sums) and save plain state dicts."""

@@ -71,7 +71,10 @@ pid_alive() {
     pid=$(tr -dc '0-9' <"$pf")
     [[ -n $pid ]] || return 1
     kill -0 "$pid" 2>/dev/null || return 1
-    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name"* ]]
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name"* ]] || return 1
+    # a daemon that died is a zombie until something reaps it (in a container nothing may):
+    # its pid still answers kill -0, but it is not running
+    [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]]
 }
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 tails() {

@@ -13,6 +13,11 @@ end of the session. Knobs (environment variables):
 
 If SLURM cannot be installed or started the fixture FAILS (it never skips):
 CI is supposed to have a real SLURM.
+
+Every test on the cluster is watched (``SlurmCluster.watch``): before it starts and while it
+waits on the queue, a dead ``slurmctld`` or ``slurmd`` is restarted and its node resumed, once,
+with a line in the output; if that fails the test fails at once, naming the daemon with the
+tail of its log. Whatever a test leaves in the queue (a failed test's jobs) is cancelled.
 """
 
 from __future__ import annotations
@@ -26,12 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm.localslurm import STRIP_PREFIXES, SlurmCluster, client_env
-
-REPO = Path(__file__).resolve().parents[2]
-LOCALCLUSTER = REPO / "slurm" / "localcluster"
-UP_SH = LOCALCLUSTER / "up.sh"
-DOWN_SH = LOCALCLUSTER / "down.sh"
+from tests.slurm.localslurm import DOWN_SH, UP_SH, SlurmCluster, client_env, run_script
 
 
 def _cluster_is_up(cluster_dir: Path) -> bool:
@@ -68,18 +68,11 @@ def _pick_port_base() -> str:
 
 
 def _run_script(script: Path, cluster_dir: Path, timeout: float) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(STRIP_PREFIXES)}
-    env.pop("KDSLIM_SLURM_CLUSTER_DIR", None)
+    env = dict(os.environ)
     if script == UP_SH:
         env["KDSLIM_SLURM_PORT_BASE"] = _pick_port_base()
     try:
-        return subprocess.run(
-            ["bash", str(script), str(cluster_dir)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        return run_script(script, cluster_dir, timeout, env)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(
             f"{script.name} {cluster_dir} timed out after {timeout}s\n"
@@ -117,3 +110,20 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
             proc = _run_script(DOWN_SH, cluster_dir, timeout=120)
             if proc.returncode != 0:
                 print(f"down.sh failed (rc={proc.returncode}):\n{proc.stderr}")
+
+
+@pytest.fixture(autouse=True)
+def _watched_cluster(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Daemons alive before a cluster test, its leftover jobs cancelled after it."""
+    if "slurm_cluster" not in request.fixturenames:
+        yield
+        return
+    cluster: SlurmCluster = request.getfixturevalue("slurm_cluster")
+    cluster.restarted.clear()
+    cluster.watch()
+    try:
+        yield
+    finally:
+        left = cluster.cancel_all()
+        if left:
+            print(f"cancelled jobs left in the queue: {' '.join(left)}")

@@ -10,10 +10,16 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import time
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+UP_SH = REPO / "slurm" / "localcluster" / "up.sh"
+DOWN_SH = REPO / "slurm" / "localcluster" / "down.sh"
 
 # Variables that would make client commands think they run inside another
 # allocation (e.g. when CI itself runs in a SLURM job) or pick another cluster.
@@ -25,6 +31,30 @@ _KV = re.compile(r"(\w[\w/:.]*)=(\S*)")
 
 class SlurmJobTimeout(AssertionError):
     """A job did not leave the queue in time (it has been cancelled)."""
+
+
+class SlurmDaemonDied(AssertionError):
+    """A daemon of the local cluster died and could not be brought back."""
+
+
+DAEMONS = {  # name in messages -> (pid file under the cluster dir, program, log file)
+    "slurmctld": ("run/slurmctld.pid", "slurmctld", "log/slurmctld.log"),
+    "slurmd n1": ("run/slurmd.n1.pid", "slurmd", "log/slurmd.n1.log"),
+    "slurmd n2": ("run/slurmd.n2.pid", "slurmd", "log/slurmd.n2.log"),
+}
+
+
+def run_script(script: Path, cluster_dir: Path, timeout: float, env: dict[str, str]):
+    """up.sh or down.sh on `cluster_dir`, with no variable of an enclosing allocation."""
+    env = {k: v for k, v in env.items() if not k.startswith(STRIP_PREFIXES)}
+    env.pop("KDSLIM_SLURM_CLUSTER_DIR", None)
+    return subprocess.run(
+        ["bash", str(script), str(cluster_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def parse_scontrol_records(text: str) -> list[dict[str, str]]:
@@ -58,6 +88,8 @@ class SlurmCluster:
 
     dir: Path
     env: dict[str, str]
+    restarted: set[str] = field(default_factory=set)
+    """Daemons restarted by `watch` during the current test (each is restarted once)."""
 
     # ---------------------------------------------------------------- commands
     def run(
@@ -138,6 +170,7 @@ class SlurmCluster:
         deadline = time.monotonic() + timeout
         last: list[dict[str, str]] = []
         while True:
+            self.watch()
             if not self.in_queue(job_id):
                 return self.job_records(job_id) or last
             last = self.job_records(job_id) or last
@@ -158,3 +191,61 @@ class SlurmCluster:
             tail = log.read_text(errors="replace").splitlines()[-lines:]
             parts.append(f"----- {log} -----\n" + "\n".join(tail))
         return "\n".join(parts)
+
+    # ---------------------------------------------------------------- daemons
+    def dead_daemons(self) -> list[str]:
+        """The daemons of this cluster whose pid file names no live process of theirs."""
+        dead = []
+        for name, (pid_file, program, _) in DAEMONS.items():
+            try:
+                pid = int((self.dir / pid_file).read_text().strip())
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                state = Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
+            except (OSError, ValueError):
+                dead.append(name)
+                continue
+            if not comm.startswith(program) or state == "Z":
+                dead.append(name)
+        return dead
+
+    def watch(self) -> None:
+        """Bring a dead daemon back once per test (up.sh restarts it and returns its node to
+        service), with a line in the test output; a second death, or a restart that fails,
+        fails the test at once with the daemon's name and the tail of its log."""
+        dead = self.dead_daemons()
+        if not dead:
+            return
+        again = [d for d in dead if d in self.restarted]
+        if again:
+            raise SlurmDaemonDied(
+                f"{', '.join(again)} died again after its restart in this test\n"
+                + self.daemon_log_tails(again)
+            )
+        line = f"local SLURM: {', '.join(dead)} died; restarting and resuming its node"
+        print(line, file=sys.stderr)
+        warnings.warn(line, stacklevel=2)
+        tails = self.daemon_log_tails(dead)  # before the restart appends to them
+        proc = run_script(UP_SH, self.dir, timeout=120, env=dict(os.environ))
+        self.restarted.update(dead)
+        still = self.dead_daemons()
+        if proc.returncode != 0 or still:
+            raise SlurmDaemonDied(
+                f"could not restart {', '.join(still or dead)} (up.sh rc={proc.returncode})\n"
+                f"{proc.stderr[-2000:]}\n{tails}"
+            )
+
+    def daemon_log_tails(self, names: list[str], lines: int = 15) -> str:
+        parts = []
+        for name in names:
+            log = self.dir / DAEMONS[name][2]
+            text = log.read_text(errors="replace") if log.is_file() else "(no log)"
+            parts.append(f"----- {name}: {log} -----\n" + "\n".join(text.splitlines()[-lines:]))
+        return "\n".join(parts)
+
+    def cancel_all(self) -> list[str]:
+        """Cancel every job still in the queue (a test's leftovers); returns their ids."""
+        proc = self.run("squeue", "-h", "-o", "%A", check=False, timeout=30)
+        jobs = sorted(set(proc.stdout.split())) if proc.returncode == 0 else []
+        if jobs:
+            self.run("scancel", *jobs, check=False, timeout=30)
+        return jobs

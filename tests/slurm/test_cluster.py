@@ -6,6 +6,8 @@ throttled job arrays, and the signal -> requeue -> restart cycle.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import textwrap
 import time
@@ -13,9 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm.localslurm import SlurmCluster
+from tests.slurm.localslurm import SlurmCluster, SlurmDaemonDied
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.timeout(600),  # the first test also starts the cluster (up.sh may apt-get it)
+]
 
 
 def _script(path: Path, body: str) -> Path:
@@ -165,6 +171,7 @@ def test_requeue_cycle_via_batch_signal(slurm_cluster: SlurmCluster, tmp_path: P
     assert delay < 30, "requeue hold longer than expected: is cred_expire set?"
 
 
+@pytest.mark.extended  # the batch-signal cycle above proves the requeue cycle
 def test_requeue_cycle_via_time_limit_signal(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     """The real path: --time=2 with --signal=B:USR2@100 fires ~20-50 s after start.
 
@@ -195,3 +202,45 @@ def test_no_sacct_but_scontrol_keeps_finished_jobs(slurm_cluster: SlurmCluster) 
         ["sacct", "-j", job, "-n"], env=slurm_cluster.env, capture_output=True, text=True
     )
     assert job not in sacct.stdout
+
+
+def test_a_slurmd_killed_mid_job_is_restarted_and_the_cluster_goes_on(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """What Debian's slurmd 22.05 once did mid-suite (glibc "double free" abort in a thread
+    exit): the node went DOWN and every later test waited on it until its time limit. The
+    watch restarts the dead daemon once, its node returns to service, and jobs run again."""
+    script = _script(
+        tmp_path / "busy.sh",
+        """
+        #SBATCH --nodes=2
+        #SBATCH --output=busy.out
+        srun bash -c 'sleep 6; echo "task $SLURM_NODEID"'
+        """,
+    )
+    job = slurm_cluster.sbatch(script, f"--chdir={tmp_path}", "--time=2")
+    deadline = time.monotonic() + 60
+    while "RUNNING" not in {r.get("JobState") for r in slurm_cluster.job_records(job)}:
+        assert time.monotonic() < deadline, slurm_cluster.job_records(job)
+        time.sleep(0.2)
+    pid = int((slurm_cluster.dir / "run" / "slurmd.n1.pid").read_text())
+    os.kill(pid, signal.SIGABRT)
+    while slurm_cluster.dead_daemons() != ["slurmd n1"]:
+        assert time.monotonic() < deadline, slurm_cluster.dead_daemons()
+        time.sleep(0.1)
+    with pytest.warns(UserWarning, match="slurmd n1 died; restarting"):
+        slurm_cluster.wait(job, timeout=120)  # the job may end either way; the queue moves
+    assert slurm_cluster.restarted == {"slurmd n1"} and slurm_cluster.dead_daemons() == []
+    again = slurm_cluster.sbatch(
+        _script(tmp_path / "after.sh", "srun hostname\n"), "-N2", f"--chdir={tmp_path}"
+    )
+    _assert_completed(slurm_cluster.wait(again, timeout=90))
+    # a second death in the same test is not papered over: it fails, naming the daemon
+    os.kill(int((slurm_cluster.dir / "run" / "slurmd.n1.pid").read_text()), signal.SIGKILL)
+    while slurm_cluster.dead_daemons() != ["slurmd n1"]:
+        time.sleep(0.1)
+    with pytest.raises(SlurmDaemonDied, match=r"slurmd n1 died again[\s\S]*slurmd\.n1\.log"):
+        slurm_cluster.watch()
+    slurm_cluster.restarted.clear()
+    slurm_cluster.watch()  # back for the next test
+    assert slurm_cluster.dead_daemons() == []

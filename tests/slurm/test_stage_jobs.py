@@ -18,7 +18,11 @@ from tests.slurm.localslurm import SlurmCluster
 from tests.test_pipeline import TINY
 from tests.test_train import SMALL, T
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.timeout(600),  # the first test also starts the cluster (up.sh may apt-get it)
+]
 
 STAGE = ROOT / "slurm" / "stage.sbatch"
 SUBMIT = ROOT / "slurm" / "submit.sh"
@@ -196,6 +200,8 @@ def _elapsed_s(cluster: SlurmCluster, job: str) -> int:
     return seconds + 86400 * int(days or 0)
 
 
+@pytest.mark.extended  # the USR2 requeue test proves this path in the fast tier
+@pytest.mark.timeout(900)
 def test_time_limit_signal_checkpoints_requeues_and_resumes(
     slurm_cluster: SlurmCluster, tmp_path: Path
 ) -> None:
@@ -236,6 +242,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(
     assert json.loads((out_dir / T / "metrics.json").read_text())["history"][-1]["epoch"] == 25
 
 
+@pytest.mark.extended  # the USR2 requeue test proves the requeue path in the fast tier
 def test_scontrol_requeue_with_wandb_offline_is_clean(
     slurm_cluster: SlurmCluster, tmp_path: Path
 ) -> None:
@@ -367,6 +374,8 @@ def test_cache_array_then_verify_via_submit_chain(
     assert report["rows"] == 1294 * 2
 
 
+@pytest.mark.extended  # the cache -> verify chain runs submit.sh in the fast tier
+@pytest.mark.timeout(1200)
 def test_whole_chain_on_two_nodes_reports_like_the_pipeline(
     slurm_cluster: SlurmCluster, tmp_path: Path
 ) -> None:
