@@ -151,6 +151,7 @@ def replicate_padding(model: nn.Module) -> nn.Module:
     return model
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family", sorted(ALL_FAMILIES))
 def test_shrunk_equals_masked(family):
     torch.manual_seed(0)
@@ -194,6 +195,7 @@ def test_squeeze_excitation_channels_are_reported_unfolded(family):
     assert (got - want).abs().max() > 1e-6 * want.abs().max()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(
     "family", ["vgg", "resnet", "resnet_bottleneck", "resnext", "mobilenetv3", "densenet_bc"]
 )

@@ -72,6 +72,7 @@ def reference_grad(model: nn.Module, b: dict, s: float) -> torch.Tensor:
     return model[1].weight.grad.clone()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("accum", [1, 2])
 @pytest.mark.parametrize("in_loss", [False, True])
 def test_l1_step_is_analytic_subgradient(accum, in_loss):
@@ -171,6 +172,7 @@ def trainer_batches(trainer):
     return make_loader(trainer.splits.train, trainer.sampler, 0)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("in_loss", [False, True])
 def test_trainer_step_moves_gamma_by_lr_s_sign(tmp_path, in_loss):
     """gamma(s) - gamma(0) after one real step with 2 accumulation steps = -lr * s *

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -46,6 +47,7 @@ def _worker(rank, world, port, x, weight, bias, queue):
     dist.destroy_process_group()
 
 
+@pytest.mark.numerics
 def test_two_process_allreduce_bn_equals_one_process_bn():
     torch.manual_seed(0)
     x = torch.randn(8, 5, 4, 4, dtype=torch.float64) * 3 + 1.5
