@@ -40,6 +40,7 @@ from common.files import (
     MANIFEST_FILE,
     MODEL_FILE,
     SPEC_FILE,
+    honour_umask,
     verify_manifest,
     write_manifest,
 )
@@ -96,6 +97,7 @@ def commit_dir(tmp: Path, final: Path) -> None:
 
 def write_model_files(directory: Path, model: nn.Module, spec: dict) -> None:
     save_file(_plain_state(model), str(directory / MODEL_FILE))
+    honour_umask(directory / MODEL_FILE)
     (directory / SPEC_FILE).write_text(json.dumps(spec, indent=1))
 
 

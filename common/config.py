@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import json
 import re
 import types
@@ -426,11 +427,33 @@ def from_dict(cls: type, data: dict, *, src: str = "<config>", prefix: str = "")
     return obj
 
 
+ADDED_LATER = {
+    "*.loop.recalibrate_bn": 0,
+}
+"""Keys added after finished runs existed, with the value that reproduces the behaviour from
+before they existed. At that value a key is left out of a node's key (`launch.freshness`), so
+upgrading kdslim does not make finished work stale; any other value enters the key as usual.
+A new key that changes what a stage produces at its default must not be listed here."""
+
+
+def added_later(path: str) -> tuple[bool, Any]:
+    """(True, the value that reproduces older behaviour) for a key listed in ADDED_LATER."""
+    for pattern, neutral in ADDED_LATER.items():
+        if fnmatch.fnmatchcase(path, pattern):
+            return True, neutral
+    return False, None
+
+
 def describe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """`key: old -> new` for every leaf value that differs between two nested mappings."""
+    """`key: old -> new` for every leaf value that differs between two nested mappings (a
+    key added later, absent from a record made without it, had its neutral value there)."""
     out = []
     for k in sorted(set(old) | set(new), key=str):
         a, b = old.get(k), new.get(k)
+        listed, neutral = added_later(f"{prefix}{k}")
+        if listed:
+            a = neutral if k not in old else a
+            b = neutral if k not in new else b
         if isinstance(a, dict) and isinstance(b, dict):
             out += describe_changes(a, b, f"{prefix}{k}.")
         elif a != b:
@@ -480,7 +503,24 @@ def apply_override(data: dict, dotted: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override `{dotted}`: `{k}` is not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    node[keys[-1]] = _yaml(raw, f"the value of override `{dotted}`") if raw.strip() else ""
+
+
+def _yaml(text, where: str) -> Any:
+    """`yaml.safe_load`, with a syntax error as a ConfigError naming where, line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        start = getattr(e, "context_mark", None)
+        if start and getattr(e, "context", None) and (not mark or start.line != mark.line):
+            problem += f"; {e.context} at line {start.line + 1}, column {start.column + 1}"
+        raise ConfigError(
+            f"{where}:{at} not valid YAML ({problem}); fix the syntax there (quote a value "
+            "that holds `:`, `[` or `{`, close every bracket)"
+        ) from None
 
 
 def load_config(cls: type, path: str | Path | None, overrides: list[str] = ()) -> Any:
@@ -493,7 +533,7 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] = ()) -
             raise ConfigError(f"config file {p} does not exist (see configs/ for examples)")
         src = str(p)
         with p.open() as f:
-            data = yaml.safe_load(f) or {}
+            data = _yaml(f, src) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{src}: the top level must be a mapping of sections")
     for ov in overrides:

@@ -10,10 +10,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from pathlib import Path
 
 MODEL_FILE, SPEC_FILE = "model.safetensors", "model.json"
 MANIFEST_FILE = "manifest.json"
+
+
+def honour_umask(path: str | Path) -> None:
+    """Give a file the permissions the user's umask asks for: the safetensors writer creates
+    its files 0600, so colleagues on a shared file system could not read the models."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def file_sha256(path: str | Path) -> str:

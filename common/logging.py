@@ -21,11 +21,32 @@ from tqdm.auto import tqdm
 from common.config import LoggingConfig
 
 
+def size_text(n_bytes: float) -> str:
+    """A byte count as people read it: 28.3 kB, 1.24 GB (decimal units)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.3g} {unit}"
+    return f"{int(n_bytes)} B"
+
+
+@contextlib.contextmanager
+def writing(path: str | Path):
+    """An OSError while writing `path` names it: a failed `write` (a full disk, a quota)
+    raises without a file name, and the user must learn which file system is full."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, f"{e.strerror} (while writing)", str(path)) from e
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` under a temporary name, then rename: readers never see half a file."""
     p = Path(path)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with writing(p):
+        tmp.write_text(text)
     os.replace(tmp, p)
 
 
@@ -204,7 +225,7 @@ class RunLogger(NullLogger):
 
     def append_jsonl(self, path: str | Path, record: dict) -> None:
         """One line per logged step (after a resume, steps since the checkpoint repeat)."""
-        with open(path, "a") as f:
+        with writing(path), open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def progress(self, total: int, desc: str, initial: int = 0, unit="steps", images=None):

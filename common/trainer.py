@@ -12,6 +12,7 @@ import contextlib
 import math
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -101,12 +102,13 @@ class CrossEntropyTask:
 
 
 class Preempted(Exception):
-    """Raised after a checkpoint when the scheduler asked us to stop (SIGUSR2/SIGTERM); `step`
-    is the step that checkpoint holds (launch/cli.py turns it into the exit status)."""
+    """Raised after a checkpoint when the scheduler (SIGUSR2/SIGTERM) or the user (Ctrl-C,
+    SIGINT) asked us to stop; `step` is the step that checkpoint holds, `signum` the signal
+    (launch/cli.py turns them into the exit status)."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, signum: int = signal.SIGUSR2):
         super().__init__(f"stopped at step {step}; checkpoint saved")
-        self.step = step
+        self.step, self.signum = step, signum
 
 
 @dataclass
@@ -201,7 +203,8 @@ class Trainer:
             self.model.load_checkpoint(
                 str(resumed / SHARDED_DIR), tag="engine", load_lr_scheduler_states=False
             )
-        self._stop_requested = False
+        self._stop_requested = 0
+        """The signal that asked this process to stop at the next step boundary (0: none)."""
         self._collapse_warned = False
         self._collapse_images: torch.Tensor | None = None
         # this epoch's running sums of the logged terms, on the device (float64, so that they
@@ -226,15 +229,21 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train to the end of the schedule (or until preempted); returns the metrics."""
+        ctrl_c = signal.getsignal(signal.SIGINT)
         self._install_preemption_handler()
-        start = time.time() - self.state.elapsed_s
-        while self.state.step < self.total_steps:
-            self._train_epoch()
-            if self.state.step % self.sampler.steps_per_epoch == 0 or (
-                self.state.step >= self.total_steps
-            ):
-                self._end_epoch(start)
-        return self._finish(start)
+        try:
+            start = time.time() - self.state.elapsed_s
+            while self.state.step < self.total_steps:
+                self._train_epoch()
+                if self.state.step % self.sampler.steps_per_epoch == 0 or (
+                    self.state.step >= self.total_steps
+                ):
+                    self._end_epoch(start)
+            return self._finish(start)
+        finally:  # outside training, Ctrl-C interrupts at once again (the scheduler's
+            # signals keep asking the stage to finish: it is past its last checkpoint)
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGINT, ctrl_c)
 
     def evaluate(self, split: str = "test") -> dict[str, float]:
         """Accuracy and loss of the current weights on `split` (val or test)."""
@@ -281,7 +290,7 @@ class Trainer:
                     self._checkpoint()
                 if self._should_stop():
                     self._checkpoint()
-                    raise Preempted(self.state.step)
+                    raise Preempted(self.state.step, self._stop_requested or signal.SIGUSR2)
             else:  # every batch taken: reaching the end shuts the loader workers down here,
                 next(batches, None)  # not in a later fork that inherits the iterator
         finally:
@@ -568,16 +577,29 @@ class Trainer:
     def _should_stop(self) -> bool:
         """Every rank must agree to stop at the same step, or the checkpoint barrier hangs:
         the scheduler may signal only some processes."""
-        flag = torch.tensor([float(self._stop_requested)], device=self.acc.device)
+        flag = torch.tensor([float(self._stop_requested != 0)], device=self.acc.device)
         if self.acc.num_processes > 1:
             flag = self.acc.reduce(flag, reduction="sum")
         return bool(flag.item() > 0)
 
     def _install_preemption_handler(self) -> None:
-        def request_stop(signum, frame):
-            self._stop_requested = True
+        """SIGUSR2/SIGTERM (a scheduler) and a first Ctrl-C (SIGINT) finish the step under
+        way, save a checkpoint and stop; a second Ctrl-C stops at once (the checkpoints
+        already written are kept)."""
 
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
+        def request_stop(signum, frame):
+            if signum == signal.SIGINT and self._stop_requested == signal.SIGINT:
+                raise KeyboardInterrupt
+            if signum == signal.SIGINT and self.acc.is_main_process:
+                print(
+                    "Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop "
+                    "at once)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            self._stop_requested = signum
+
+        for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not the main thread (e.g. a notebook)
                 signal.signal(sig, request_stop)
 

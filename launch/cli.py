@@ -15,8 +15,10 @@ come from the stage graph (`launch.graph.STAGES`).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -29,6 +31,8 @@ COMMANDS = {
 }
 EXIT_PREEMPTED = 75
 """Exit status of a stage stopped by SIGUSR2/SIGTERM after saving a checkpoint (EX_TEMPFAIL)."""
+EXIT_INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT, what a shell reports for it)."""
 PREEMPT_FILE_ENV = "KDSLIM_PREEMPT_FILE"
 """Set by slurm/lib.sh: a preempted rank writes its step there and exits 0 (see `preempted`)."""
 
@@ -92,10 +96,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:  # a file that cannot be read or written: its path is in the message
-        print(f"error: {e}", file=sys.stderr)
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        hint = "; free space there, then run the same command again to resume" if full else ""
+        print(f"error: {e}{hint}", file=sys.stderr)
         return 1
     except Preempted as e:
+        if e.signum == signal.SIGINT:
+            return interrupted(f"interrupted at step {e.step}, checkpoint saved")
         return preempted(e.step)
+    except KeyboardInterrupt:
+        return interrupted("interrupted; the checkpoints already written are kept")
+
+
+def interrupted(what: str) -> int:
+    """Ctrl-C: one line (rank 0), and the shell's status for SIGINT."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{what}; run the same command again to resume", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def preempted(step: int) -> int:
@@ -165,7 +182,8 @@ def run(cfg, target: str) -> int:
     if target == "pipeline":
         names = ", ".join(n.name for n in nodes)
         say(f"pipeline: {len(nodes)} steps into {cfg.run.out_dir}: {names}")
-    summary = {n.name: run_node(cfg, runtime, n, say) for n in nodes}
+    named = target != "pipeline"
+    summary = {n.name: run_node(cfg, runtime, n, say, named) for n in nodes}
     if target in ("pipeline", "report"):
         _show_report(cfg, summary, say)
     runtime.end()

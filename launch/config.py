@@ -7,9 +7,17 @@ is one field here. Rules that span sections are checked here, once, at load.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from common.config import ConfigError, DataConfig, LoggingConfig, RunConfig, TrainConfig
-from distill.config import CacheConfig, DistillConfig
+from common.config import (
+    ConfigError,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+)
+from distill.config import CacheConfig, DistillConfig, TeacherConfig
 from launch.pipeline_config import PipelineConfig
 from prune.config import FinetuneConfig, PruneConfig, SparsityConfig
 
@@ -47,3 +55,38 @@ class Config:
                 f"valid: {', '.join(BY_NAME)}"
             )
         members(self)  # distinct member names
+        check_names(self)
+
+
+def check_names(cfg: Config) -> None:
+    """The dataset and every model the run builds exist and, offline, every weight file it
+    will load is on disk (all missing files named in one message): a run is refused when its
+    configuration is loaded, before `plan` prints a job, `submit` queues one or a stage
+    writes a directory, not after a queue wait or hours of teacher training."""
+    from common.data.sources import check_dataset
+    from common.models import check_model
+    from launch.graph import in_run, members
+
+    check_dataset(cfg.data.name)
+    stages = set(in_run(cfg))
+    models: list[tuple[str, ModelConfig | TeacherConfig]] = []
+    if "train" in stages:
+        models += [(f"train member {m.name}", m.model) for m in members(cfg)]
+    if stages & {"distill", "distill-ce"}:
+        models.append(("distill.student", cfg.distill.student))
+    models += [(f"cache.teachers[{i}]", t) for i, t in enumerate(cfg.cache.teachers) if t.model]
+    missing = []
+    for key, m in models:
+        name, pretrained = (m.name, m.pretrained) if isinstance(m, ModelConfig) else (m.model, None)
+        try:
+            absent = check_model(name, pretrained)
+        except ConfigError as e:
+            raise ConfigError(f"{key}: {e}") from None
+        if absent:
+            missing.append(f"{key}: {absent}")
+        if m.weights is not None and not Path(m.weights).is_file():
+            missing.append(f"{key}: the weights file {m.weights} does not exist")
+    if missing:
+        raise ConfigError(
+            f"{len(missing)} weight file(s) this run needs are not there: " + " | ".join(missing)
+        )

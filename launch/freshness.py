@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import identity_changes, to_dict
+from common.config import added_later, identity_changes, to_dict
 from common.files import MODEL_FILE, SPEC_FILE, file_sha256
 from common.logging import read_json_if_any, write_json
 from launch import graph
@@ -39,10 +39,8 @@ def _left_out(path: str, value) -> bool:
     """Runtime-only, or a key added later at the value that reproduces older behaviour."""
     if any(fnmatch.fnmatchcase(path, p) for p in graph.RUNTIME_ONLY):
         return True
-    return any(
-        fnmatch.fnmatchcase(path, p) and value == neutral
-        for p, neutral in graph.ADDED_LATER.items()
-    )
+    listed, neutral = added_later(path)
+    return listed and value == neutral
 
 
 def _strip(value, prefix: str):

@@ -14,6 +14,7 @@ directory is `<run.out_dir>/<stage>[/<instance>]`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,14 +81,6 @@ epochs `metrics.json` lists test numbers for; the model and the reported numbers
 `cache.dir`/`cache.root` say where the cache lives; the cache's identity is its content (see
 `distill.cache`)."""
 
-ADDED_LATER = {
-    "*.loop.recalibrate_bn": 0,
-}
-"""Keys added after finished runs existed, with the value that reproduces the behaviour from
-before they existed. At that value a key is left out of the node's key, so upgrading kdslim
-does not make finished work stale; any other value enters the key as usual. A new key that
-changes what a stage produces at its default must not be listed here."""
-
 
 @dataclass(frozen=True)
 class Stage:
@@ -113,6 +106,9 @@ class Stage:
     complete, whatever its key says."""
     module: str = field(default="")
     """`launch.stages.<module>` holds `run(cfg, inputs, ctx)`; default: the name."""
+    check: bool = False
+    """A check of other nodes' outputs: it runs whenever its stage is named on the command
+    line, complete or not (the user asked for the check)."""
 
     @property
     def module_name(self) -> str:
@@ -262,6 +258,22 @@ def _cache_in_place(cfg) -> bool:
         return False
 
 
+def _cache_files(cfg) -> str:
+    """The cache's files as they are on disk (names, sizes, modification times): a verify
+    node is stale once a shard changes, rots or is replaced, though its request is the same."""
+    try:
+        root = artifact(cfg, Node("cache"))
+        stats = sorted(
+            (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*")
+            if p.is_file()
+        )
+    except (OSError, KdslimError):  # not written yet, or no teachers to name it by
+        return "absent"
+    digest = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+    return f"{len(stats)} files, {sum(s[1] for s in stats)} bytes (sizes and times {digest})"
+
+
 def _member_reads(cfg, instance: str) -> dict:
     m = next(m for m in members(cfg) if m.name == instance)
     return {"member": {"model": to_dict(m.model), "seed": m.seed}}
@@ -308,7 +320,9 @@ STAGES: tuple[Stage, ...] = (
         inputs=lambda cfg, i: {"cache": Node("cache"), **_cache_inputs(cfg)},
         outputs=("metrics.json",),
         resources="single",
+        instance_reads=lambda cfg, i: {"cache files": _cache_files(cfg)},
         artifact="",
+        check=True,
     ),
     Stage(
         "distill-ce",

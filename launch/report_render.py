@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from common.logging import size_text
+
 
 def _acc(v) -> str:
     return "-" if v is None else f"{v:.4f}"
@@ -130,11 +132,18 @@ def collect_figures(
     return figures
 
 
+def _cell(value) -> str:
+    """A Markdown table cell: floats to the digits they mean, `|` escaped (a bare one ends
+    the cell: `|gamma|` broke the slimming table)."""
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text.replace("|", "\\|")
+
+
 def _md_table(header: tuple, rows: list[tuple]) -> list[str]:
     return [
-        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(map(_cell, header)) + " |",
         "|" + "---|" * len(header),
-        *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
+        *("| " + " | ".join(map(_cell, row)) + " |" for row in rows),
     ]
 
 
@@ -186,7 +195,7 @@ def markdown(r: dict, figures: dict[str, Path], md_path: Path) -> str:
                 ("directory", f"`{c['dir']}`"),
                 ("samples", c["num_samples"]),
                 ("views per sample", c["views_per_sample"]),
-                ("bytes", _num(c["bytes"])),
+                ("size on disk", "-" if c["bytes"] is None else size_text(c["bytes"])),
                 ("storage", c["storage"]),
                 ("verify: top-1 agreement of re-scored rows", _acc(c["teacher_top1_agreement"])),
                 ("verify: max abs diff", c["verify_max_abs_diff"]),

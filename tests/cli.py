@@ -119,6 +119,17 @@ def run_cli(
     return proc
 
 
+def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    """What bad input must give: exit status `code`, no traceback, one `error: ` line, and
+    each of `needles` in what it says."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in proc.stderr, (needle, proc.stderr[-2000:])
+
+
 def _main(argv: list[str]) -> int:
     """`launch.cli.main` as the interpreter runs it: an uncaught exception prints its
     traceback on stderr and makes the exit status 1."""

@@ -179,6 +179,38 @@ def test_verify_catches_a_truncated_shard(tmp_path, teachers, reference_cache):
         LogitCache(cdir(tmp_path)).rows(np.array([0]), np.array([0]))
 
 
+def test_verify_runs_whenever_asked_and_again_once_a_shard_changed(
+    tmp_path, teachers, reference_cache
+):
+    """A check the user asks for runs: `verify-cache --config` verifies the bytes each time
+    (a complete node used to be skipped, even with `cache.dir` pointing at a rotten copy), and
+    in a pipeline it runs again when a shard's size or modification time changed."""
+    args = cache_args(tmp_path, teachers, "cache.verify_samples=8")
+    copy_of(reference_cache, tmp_path)
+    for _ in range(2):
+        again = run_cli("verify-cache", *args)
+        assert "verify-cache: OK" in again.stdout and "skipped" not in again.stdout
+    rotten = tmp_path / "rotten"
+    shutil.copytree(cdir(tmp_path), rotten)
+    [arrow] = list(rotten.glob("shard-*/*.arrow"))
+    data = bytearray(arrow.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
+    arrow.write_bytes(bytes(data))
+    bad = run_cli("verify-cache", *args, f"cache.dir={rotten}", check=False)
+    assert bad.returncode == 1 and "checksum mismatch" in bad.stderr, bad.stderr[-2000:]
+
+    stages = "pipeline.stages=[cache, verify-cache]"
+    run_cli("pipeline", *args, stages)  # verifies the run's own cache again (the rotten
+    # copy's check set the node aside as stale: other files)
+    assert "[verify-cache] skipped: complete" in run_cli("pipeline", *args, stages).stdout
+    [arrow] = list(cdir(tmp_path).glob("shard-*/*.arrow"))
+    arrow.write_bytes(data)  # the run's own cache rots
+    rerun = run_cli("pipeline", *args, stages, check=False)
+    assert "[cache] skipped: complete" in rerun.stdout, rerun.stdout
+    assert "[verify-cache] stale (cache files:" in rerun.stdout, rerun.stdout
+    assert rerun.returncode == 1 and "checksum mismatch" in rerun.stderr
+
+
 def test_verify_cache_checks_a_directory_alone(tmp_path, reference_cache):
     """`verify-cache --cache DIR` needs no configuration: checksums and keys always, re-scoring
     from the data and teachers the manifest records while they are still there."""

@@ -11,7 +11,8 @@ import pytest
 
 from common.config import ConfigError, Range, load_config, to_dict
 from launch.config import Config
-from tests.conftest import ROOT, run_cli
+from tests.cli import assert_one_line_error
+from tests.conftest import ROOT, cli_env, run_cli
 
 
 def write(tmp_path, text: str):
@@ -20,6 +21,7 @@ def write(tmp_path, text: str):
     return p
 
 
+BASE = ROOT / "tests/configs/base.yaml"
 SHIPPED = [ROOT / "configs/quickstart.yaml", *sorted((ROOT / "configs/cifar10").glob("*.yaml"))]
 
 
@@ -106,6 +108,43 @@ def test_cli_reports_config_errors_and_exits_nonzero(tmp_path):
     assert "Traceback" not in proc.stderr
     missing = run_cli("train", "--config", str(tmp_path / "nope.yaml"), check=False)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_yaml_syntax_errors_name_file_line_and_column(tmp_path):
+    p = write(tmp_path, "run:\n  seed: [1\ndata: {name: digits}\n")
+    proc = run_cli("plan", "--config", str(p), check=False)
+    assert_one_line_error(proc, 2, f"{p}: line 3, column 5: not valid YAML", "line 2, column 9")
+    proc = run_cli("plan", "--config", str(BASE), "train.loop.epochs=[1", check=False)
+    assert_one_line_error(proc, 2, "override `train.loop.epochs=[1`", "not valid YAML")
+
+
+def test_names_and_offline_weights_are_refused_at_load(tmp_path):
+    """Before `plan` prints a job (or `submit` queues one, or a stage writes anything): an
+    unknown dataset or model, and, offline, every pretrained file the run would load that is
+    not in its cache, all of them in one message."""
+    out = tmp_path / "run"
+    for override, says in [
+        ("data.name=bogus", "data.name `bogus` is not a dataset"),
+        ("train.model.name=bogus_net", "train member bogus_net-s0: Unknown model 'bogus_net'"),
+        ("distill.student.name=tv_resnet181", "did you mean 'resnet18'"),
+        ("distill.student.weights=/nowhere.safetensors", "/nowhere.safetensors does not exist"),
+    ]:
+        proc = run_cli("plan", "--config", str(BASE), f"run.out_dir={out}", override, check=False)
+        assert_one_line_error(proc, 2, says)
+    empty = cli_env(KDSLIM_OFFLINE="1", TORCH_HOME=str(tmp_path / "torch"))
+    recipe = [str(ROOT / "configs/imagefolder/pretrained.yaml"), f"data.root={tmp_path}"]
+    for command in ("plan", "pipeline"):
+        proc = run_cli(command, "--config", *recipe, f"run.out_dir={out}", env=empty, check=False)
+        assert_one_line_error(
+            proc,
+            2,
+            "2 weight file(s) this run needs are not there",
+            f"at {tmp_path / 'torch/hub/checkpoints/resnext50_32x4d-1a0047aa.pth'}",
+            f"at {tmp_path / 'torch/hub/checkpoints/mobilenet_v3_large-5c1a4163.pth'}",
+        )
+    assert not out.exists()
+    # online, the same files would be downloaded when a stage needs them: nothing refused
+    assert run_cli("plan", "--config", *recipe, env=cli_env(TORCH_HOME=str(tmp_path))).stdout
 
 
 def test_cli_help_lists_stages():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -25,7 +26,8 @@ from common.data import (
 )
 from common.data.seeding import rng_for
 from common.trainer import CrossEntropyTask
-from tests.conftest import random_images
+from tests.cli import assert_one_line_error
+from tests.conftest import ROOT, random_images, run_cli
 
 
 def test_digits_is_embedded_with_fixed_split():
@@ -70,11 +72,27 @@ def test_image_folder_and_errors(image_folder):
     assert splits.test[(0, -1)]["image"].shape == (3, 24, 24)
 
     (image_folder / "train" / "fire" / "000.png").write_bytes(b"not an image")
-    with pytest.raises(DataError, match=r"fire/000\.png"):
+    with pytest.raises(DataError, match=r"fire/000\.png: its 12 bytes are in no image") as bad:
         src.image(int(np.flatnonzero(src.labels == 1)[0]))
+    assert "BytesIO" not in str(bad.value) and "remove or replace the file" in str(bad.value)
     (image_folder / "train" / "empty").mkdir()
     with pytest.raises(DataError, match="empty has no images"):
         build_source(cfg, "train")
+
+
+def test_a_one_class_image_folder_is_refused_before_anything_is_written(image_folder, tmp_path):
+    """One class trains to 100% test accuracy with nothing learnt (and leaves no validation
+    split to choose an epoch on): refused, naming the folder, with no directory left."""
+    for c in ("fire", "smoke"):
+        shutil.rmtree(image_folder / "train" / c)
+    out = tmp_path / "run"
+    args = ["--config", str(ROOT / "tests/configs/base.yaml"), f"run.out_dir={out}"]
+    args += ["data.name=imagefolder", f"data.root={image_folder}", "data.image_size=16"]
+    proc = run_cli("train", *args, check=False)
+    assert_one_line_error(
+        proc, 2, f"{image_folder / 'train'} has one class folder (clear)", "at least two"
+    )
+    assert not out.exists()
 
 
 def test_missing_root_errors(tmp_path):

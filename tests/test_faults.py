@@ -17,6 +17,7 @@ from torch import nn
 
 from common.checkpoint import CheckpointManager
 from common.files import MANIFEST_FILE, MODEL_FILE, verify_manifest
+from tests.cli import assert_one_line_error
 from tests.conftest import PY, ROOT, cli_command, cli_env, interrupt, run_cli
 from tests.equivalence import assert_same_weights, weights
 from tests.test_train import SMALL, T
@@ -237,6 +238,62 @@ def test_sigusr2_checkpoints_and_stops_with_one_line(tmp_path, under_slurm_scrip
         assert not marker.exists()
 
 
+LONG = [*TINY, "train.loop.epochs=20", "train.loop.max_steps=80"]
+"""Long enough for a signal sent at the first checkpoint to find the run still training."""
+
+
+def _start_training(tmp_path, out):
+    """`python -m launch train` (a new process: its signals and exit status are the point),
+    returned once its first checkpoint is on disk."""
+    cmd = cli_command(*LONG, f"run.out_dir={out}")
+    err = open(tmp_path / "stderr", "w")  # noqa: SIM115 - the child's
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 300
+    while not any((out / T / "checkpoints").glob("ckpt-*")):  # training under way
+        assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_and_stops_with_one_line_a_second_stops_at_once(tmp_path):
+    """Ctrl-C behaves like a preemption: the step under way finishes, a checkpoint is saved,
+    one line, exit status 130, and the same command resumes. A second Ctrl-C stops at once
+    (exit status 130, one line, no traceback); the checkpoints already written stay valid."""
+    out = tmp_path / "run"
+    proc = _start_training(tmp_path, out)
+    try:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = (tmp_path / "stderr").read_text()
+    latest = CheckpointManager(out / T / "checkpoints", keep=3, is_main=False).latest()
+    step = json.loads((latest / "trainer_state.json").read_text())["step"]
+    line = f"interrupted at step {step}, checkpoint saved; run the same command again to resume"
+    said = [x for x in stderr.splitlines() if x.startswith("interrupted")]
+    assert (rc, said) == (130, [line]) and "Traceback" not in stderr, stderr[-3000:]
+    assert not (out / T / "model").exists()
+    resumed = run_cli(*LONG, f"run.out_dir={out}")  # the same command
+    assert f"resumed from {latest}" in resumed.stdout, resumed.stdout[-2000:]
+
+    twice = tmp_path / "twice"
+    proc = _start_training(tmp_path, twice)
+    try:
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = (tmp_path / "stderr").read_text()
+    assert rc == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert len([x for x in stderr.splitlines() if x.startswith("interrupted")]) == 1, stderr
+    assert CheckpointManager(twice / T / "checkpoints", keep=3, is_main=False).latest()
+
+
 @pytest.mark.slow
 def test_wandb_service_killed_by_a_signal_ends_wandb_logging_in_one_line(tmp_path):
     """SLURM's TERM (scancel, `scontrol requeue`) reaches wandb-core too, which exits at once;
@@ -287,27 +344,18 @@ print("closed")
 # --------------------------------------------------------------------------------------------
 
 
-def _one_line_error(proc, code: int, *needles: str) -> None:
-    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr[-2000:]
-    for needle in needles:
-        assert needle in proc.stderr, (needle, proc.stderr[-2000:])
-
-
 @pytest.mark.slow
 def test_bad_inputs_fail_with_one_line_and_leave_no_output(tmp_path):
     quick = ["--config", str(ROOT / "tests/configs/base.yaml"), *SMALL]
     out = tmp_path / "run"
     # a value outside its range: named with its key and range, before anything starts
     proc = run_cli("distill", *quick, f"run.out_dir={out}", "distill.kd.alpha=3", check=False)
-    _one_line_error(proc, 2, "`distill.kd.alpha` must be >= 0 and <= 1, got 3")
+    assert_one_line_error(proc, 2, "`distill.kd.alpha` must be >= 0 and <= 1, got 3")
     assert not out.exists()
     # a batch larger than the training split: refused at the stage's start
     proc = run_cli("train", *quick, f"run.out_dir={out}", "train.loop.batch_size=4096", check=False)
-    _one_line_error(proc, 2, "`train.loop.batch_size` 4096 is larger than the training split")
-    assert not any((out / T / f).exists() for f in ("model", "metrics.json", "key.json"))
+    assert_one_line_error(proc, 2, "`train.loop.batch_size` 4096 is larger than the training split")
+    assert not out.exists()  # no directory left that the next run would "continue from"
     # a truncated model file given as an input: the file is named
     model = tmp_path / "given"
     run_cli("train", *quick, f"run.out_dir={model}", "train.loop.max_steps=1")
@@ -320,8 +368,38 @@ def test_bad_inputs_fail_with_one_line_and_leave_no_output(tmp_path):
         f"sparsity.init={model / T / 'model'}",
         check=False,
     )
-    _one_line_error(proc, 2, str(weights_file))
-    assert not (out / "sparsity" / "model").exists()
+    assert_one_line_error(proc, 2, str(weights_file))
+    assert not out.exists()
     # a stage whose input stage has not run: says which and what to run
     proc = run_cli("prune", *quick, f"run.out_dir={out}", check=False)
-    _one_line_error(proc, 1, "`prune` reads sparsity", "python -m launch sparsity")
+    assert_one_line_error(proc, 1, "`prune` reads sparsity", "python -m launch sparsity")
+
+
+def test_a_full_disk_names_the_file_and_what_to_do(tmp_path):
+    """Writing a step's log line to a full file system: the message names the file (a failed
+    write raises without one) and says to free space and rerun."""
+    quick = ["--config", str(ROOT / "tests/configs/base.yaml"), *SMALL, "train.loop.log_every=1"]
+    steps = tmp_path / T / "steps.jsonl"
+    steps.parent.mkdir(parents=True)
+    steps.symlink_to("/dev/full")  # every write: ENOSPC
+    proc = run_cli(
+        "train", *quick, f"run.out_dir={tmp_path}", "train.loop.max_steps=2", check=False
+    )
+    assert_one_line_error(
+        proc, 1, "No space left on device", str(steps), "free space there, then run the same"
+    )
+
+
+def test_outputs_honour_the_umask_weights_included(tmp_path):
+    """Everything a stage writes gets the permissions the user's umask asks for: the
+    safetensors writer made model files 0600, unreadable to colleagues on a shared disk."""
+    quick = ["--config", str(ROOT / "tests/configs/base.yaml"), *SMALL, "train.loop.max_steps=2"]
+    old = os.umask(0o002)  # a group-shared project directory
+    try:
+        run_cli("train", *quick, "train.loop.checkpoint_every_steps=1", f"run.out_dir={tmp_path}")
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / T).rglob("*") if p.is_file()]
+    assert tmp_path / T / "model" / MODEL_FILE in files
+    modes = {oct(p.stat().st_mode & 0o777) for p in files}
+    assert modes == {"0o664"}, {str(p): oct(p.stat().st_mode & 0o777) for p in files}

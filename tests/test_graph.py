@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, load_config
+from common.config import ConfigError, identity_changes, load_config
 from launch import freshness, graph
 from launch.cli import COMMANDS
 from launch.config import Config
@@ -123,6 +123,9 @@ def test_a_key_added_later_leaves_finished_nodes_fresh_at_its_neutral_value():
     assert "recalibrate_bn" not in today["train.loop"]  # the values a pre-upgrade record has
     asked = freshness.values(cfg("train.loop.recalibrate_bn=8"), node)
     assert asked["train.loop"]["recalibrate_bn"] == 8 and asked != today
+    # and the stale node's message says what the old record meant, not `null`
+    old, new = (freshness.Identity(freshness.make_key(v, {}), v, {}) for v in (today, asked))
+    assert identity_changes(old.as_dict(), new.as_dict()) == ["train.loop.recalibrate_bn: 0 -> 8"]
 
 
 def test_plan_names_only_run_stages():

@@ -97,6 +97,34 @@ def _cfg(out: Path, *extra: str):
     )
 
 
+def test_report_tables_render_and_numbers_are_rounded(run_dir):
+    """Every Markdown table row has its header's cells (`|gamma|` once split a row), no
+    number carries float noise, sizes have units, and the log says what a prune round did
+    in words (it dumped a dict)."""
+    out, stdout = run_dir
+    md = (out / "report" / "report.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("|")]
+    assert rows and "\\|gamma\\|" in md
+
+    def cells(line: str) -> int:
+        return len(re.findall(r"(?<!\\)\|", line)) - 1
+
+    tables, current = [], []
+    for line in [*md.splitlines(), ""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    for table in tables:
+        assert len({cells(line) for line in table}) == 1, table
+    assert not re.search(r"\d\.\d{7,}", md), re.findall(r"\S*\d\.\d{7,}\S*", md)
+    assert re.search(r"\| size on disk \| \d[\d.]* (B|kB|MB|GB) \|", md), md
+    rounds = [line for line in stdout.splitlines() if line.startswith("prune round")]
+    assert rounds and not any("{" in line for line in rounds), rounds
+    assert re.search(r"cache: complete in .*\(\d+ rows, [\d.]+ (kB|MB)", stdout), stdout
+
+
 def test_report_has_every_field(run_dir):
     out, _ = run_dir
     r = json.loads((out / "report" / "report.json").read_text())

@@ -23,6 +23,8 @@ from prune.measure import count_macs, count_params
 from prune.shrink import apply_masks, slim
 from prune.target import measure_fn, removed_share, threshold_for
 from prune.threshold import all_gammas, global_threshold, layer_keep_masks, separation
+from tests.artifacts import DATA
+from tests.cli import assert_one_line_error
 from tests.conftest import ROOT, run_cli
 
 
@@ -385,6 +387,19 @@ def test_cli_train_sparsity_prune_finetune(tmp_path):
     ft = json.loads((tmp_path / "finetune/metrics.json").read_text())
     # live KD from the unpruned model (the sparsity stage's, by default)
     assert 0 <= ft["selected"]["test_teacher_agreement"] <= 1
+
+
+def test_a_prune_that_would_remove_nothing_is_refused(tmp_path, teachers):
+    """`prune.target: channels` with a floor that keeps every channel: refused (as the macs
+    and params targets refuse a cut they cannot make), not "params N -> N" and exit 0."""
+    out = tmp_path / "run"
+    args = ["--config", str(ROOT / "tests/configs/base.yaml"), *DATA, f"run.out_dir={out}"]
+    args += [f"prune.init={teachers[0]}", "prune.target=channels", "prune.min_channels_ratio=1.0"]
+    proc = run_cli("prune", *args, "prune.latency_repeats=1", check=False)
+    assert_one_line_error(
+        proc, 2, "removes no channel", "`prune.min_channels_ratio` 1.0", "lower the floor"
+    )
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs/cifar10").glob("slim_*.yaml")))

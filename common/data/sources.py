@@ -71,8 +71,13 @@ def _decode(data: bytes, where: str) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as im:
             arr = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"cannot decode image {where}: {e}") from None
+    except UnidentifiedImageError:  # its message names the in-memory buffer, not the file
+        raise DataError(
+            f"cannot decode image {where}: its {len(data)} bytes are in no image format PIL "
+            "reads; remove or replace the file"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot decode image {where}: {e}; remove or replace the file") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -226,6 +231,11 @@ class ImageFolderSource(ImageSource):
         classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
         if not classes:
             raise DataError(f"{split_dir} has no class sub-folders (one folder per class)")
+        if len(classes) == 1:  # trains to 100% with nothing learnt, and no validation split
+            raise DataError(
+                f"{split_dir} has one class folder ({classes[0]}): a classifier needs at least "
+                "two, one folder per class"
+            )
         paths, labels = [], []
         for c, cls_name in enumerate(classes):
             files = sorted(
@@ -320,10 +330,15 @@ SOURCES: dict[str, Callable[[DataConfig, str], ImageSource]] = {
 }
 
 
+def check_dataset(name: str) -> None:
+    """A ConfigError unless `name` is a registered dataset."""
+    if name not in SOURCES:
+        raise ConfigError(f"data.name `{name}` is not a dataset; choose from {sorted(SOURCES)}")
+
+
 def build_source(cfg: DataConfig, split: str) -> ImageSource:
     """The `split` ("train" or "test") of the dataset named in `cfg`."""
-    if cfg.name not in SOURCES:
-        raise ConfigError(f"data.name `{cfg.name}` is not a dataset; choose from {sorted(SOURCES)}")
+    check_dataset(cfg.name)
     return SOURCES[cfg.name](cfg, split)
 
 

@@ -9,12 +9,13 @@ Importing this package registers every family module below.
 """
 
 from . import airnet, densenet, mobilenetv3, resnet, resnext, vgg, wrn  # noqa: F401  (register)
-from .registry import build_model, list_models, load_weights, register_model
+from .registry import build_model, check_model, list_models, load_weights, register_model
 from .widths import apply_widths, init_module, model_widths
 
 __all__ = [
     "apply_widths",
     "build_model",
+    "check_model",
     "init_module",
     "list_models",
     "load_weights",

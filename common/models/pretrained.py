@@ -47,19 +47,30 @@ def cached_file(weights) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
 
 
+def missing_offline(tv_name: str, pretrained: str) -> str | None:
+    """Offline with the file of torchvision's `pretrained` weights of `tv_name` not in the
+    torch hub cache: what to put where. None when the file is there or downloads are on."""
+    weights = torchvision_weights(tv_name, pretrained)
+    path = cached_file(weights)
+    if path.is_file() or not offline():
+        return None
+    return (
+        f"pretrained weights {type(weights).__name__}.{weights.name} are not in the torch "
+        f"hub cache and downloads are off (KDSLIM_OFFLINE / HF_HUB_OFFLINE): put the file "
+        f"{path.name} (from {weights.url}) at {path} (the cache is $TORCH_HOME/hub/"
+        f"checkpoints, here {path.parent})"
+    )
+
+
 def load_pretrained_torchvision(model: nn.Module, tv_name: str, pretrained: str) -> nn.Module:
     """Load torchvision's `pretrained` weights of `tv_name` into `model` (in place): matching
     shapes loaded, the rest (a head for another class count) left as initialised, with a
     warning naming them."""
     weights = torchvision_weights(tv_name, pretrained)
+    missing = missing_offline(tv_name, pretrained)
+    if missing:
+        raise ConfigError(missing)
     path = cached_file(weights)
-    if not path.is_file() and offline():
-        raise ConfigError(
-            f"pretrained weights {type(weights).__name__}.{weights.name} are not in the torch "
-            f"hub cache and downloads are off (KDSLIM_OFFLINE / HF_HUB_OFFLINE): put the file "
-            f"{path.name} (from {weights.url}) at {path} (the cache is $TORCH_HOME/hub/"
-            f"checkpoints, here {path.parent})"
-        )
     try:
         state = weights.get_state_dict(progress=False, check_hash=False)
     except OSError as e:  # no network and no file

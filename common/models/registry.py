@@ -26,13 +26,16 @@ from common.config import ConfigError
 from common.precision import match_state_precision
 
 from .pretrained import load_pretrained_torchvision
-from .timm_models import TIMM_PREFIX, build_timm
+from .pretrained import missing_offline as tv_missing_offline
+from .timm_models import TIMM_PREFIX, build_timm, timm_arch
+from .timm_models import missing_offline as timm_missing_offline
 from .widths import apply_widths
 
 __all__ = [
     "TIMM_PREFIX",
     "TV_PREFIX",
     "build_model",
+    "check_model",
     "list_models",
     "load_weights",
     "register_model",
@@ -93,16 +96,51 @@ def _unknown_model(name: str) -> ConfigError:
     )
 
 
-def _build_torchvision(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+def _torchvision_name(name: str) -> str:
+    """`tv_<name>`'s torchvision name, or a ConfigError with the closest ones."""
     import torchvision
 
     tv_name = name[len(TV_PREFIX) :]
     available = torchvision.models.list_models()
     if tv_name not in available:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown model {name!r}: {tv_name!r} is not a torchvision model; "
             f"{_suggest(tv_name, available)} (see torchvision.models.list_models())"
         )
+    return tv_name
+
+
+def check_model(name: str, pretrained: str | None = None) -> str | None:
+    """What `build_model(name, pretrained=...)` would refuse, found without building anything
+    (so that a run is refused when its config is loaded, not after a queue wait): raises the
+    ConfigError of an unknown name or weights tag; returns, offline, the message for
+    pretrained weights missing from their cache (None when nothing is missing)."""
+    if name.startswith(TIMM_PREFIX):
+        if pretrained is None:
+            timm_arch(name)
+            return None
+        return timm_missing_offline(name, pretrained)
+    if name.startswith(TV_PREFIX):
+        tv_name = _torchvision_name(name)
+        return None if pretrained is None else tv_missing_offline(tv_name, pretrained)
+    if name not in _MODELS:
+        raise _unknown_model(name)
+    if pretrained is not None:
+        raise _not_pretrainable(name)
+    return None
+
+
+def _not_pretrainable(name: str) -> ConfigError:
+    return ConfigError(
+        f"`pretrained` loads torchvision or timm weights: {name!r} is not a tv_ or "
+        f"timm_ model (use `weights` with a local file)"
+    )
+
+
+def _build_torchvision(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    import torchvision
+
+    tv_name = _torchvision_name(name)
     builder = torchvision.models.get_model_builder(tv_name)
     if "weights_backbone" in inspect.signature(builder).parameters:
         # Detection/segmentation builders default to downloading an ImageNet backbone.
@@ -157,10 +195,7 @@ def build_model(
             ) from None
     if pretrained is not None and not name.startswith(TIMM_PREFIX):  # timm's: at creation
         if not name.startswith(TV_PREFIX):
-            raise ConfigError(
-                f"`pretrained` loads torchvision or timm weights: {name!r} is not a tv_ or "
-                f"timm_ model (use `weights` with a local file)"
-            )
+            raise _not_pretrainable(name)
         load_pretrained_torchvision(model, name[len(TV_PREFIX) :], pretrained)
     if widths is not None:
         apply_widths(model, widths)

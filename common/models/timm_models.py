@@ -37,7 +37,7 @@ TIMM_PREFIX = "timm_"
 _HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-def _arch(name: str) -> str:
+def timm_arch(name: str) -> str:
     import timm
 
     arch = name[len(TIMM_PREFIX) :]
@@ -202,6 +202,22 @@ def _create_pretrained(
     return model
 
 
+def missing_offline(name: str, pretrained: str) -> str | None:
+    """Offline with timm's `pretrained` weights of `name` in neither hub cache: the error
+    loading them would raise (what to put where). None when the file is there or downloads
+    are on. Unknown names and tags raise, as `build_timm` would."""
+    arch = timm_arch(name)
+    cfg = _pretrained_cfg(arch, pretrained)
+    if not offline():
+        return None
+    label = f"{arch}.{cfg.tag}"
+    try:  # offline, neither looks beyond the caches
+        _from_hub(cfg, label) if cfg.hf_hub_id else _from_url(cfg, label)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 def build_timm(
     name: str, num_classes: int, kwargs: dict[str, Any], pretrained: str | None = None
 ) -> nn.Module:
@@ -209,7 +225,7 @@ def build_timm(
     `pretrained` (see the module docstring) or, by default, none (nothing is downloaded)."""
     import timm
 
-    arch = _arch(name)
+    arch = timm_arch(name)
     try:
         if pretrained is not None:
             return _create_pretrained(arch, num_classes, kwargs, pretrained)

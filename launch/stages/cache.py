@@ -8,6 +8,7 @@ request is refused with the differences, never moved or rebuilt in place.
 
 from __future__ import annotations
 
+from common.logging import size_text
 from common.precision import DTYPES, memory_format
 from distill.cache.layout import (
     MANIFEST_FILE,
@@ -101,6 +102,6 @@ def _finish(ctx, manifest: dict, root, rows_written: int) -> dict:
     return ctx.publish(
         metrics,
         f"cache: complete in {root} ({manifest['num_rows']} rows, "
-        f"{manifest['bytes'] / 1e6:.1f} MB, {rows_written} written now); ensemble accuracy on "
+        f"{size_text(manifest['bytes'])}, {rows_written} written now); ensemble accuracy on "
         f"the cached views {metrics['ensemble_acc']:.4f}",
     )

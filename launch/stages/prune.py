@@ -22,6 +22,7 @@ from torch import nn
 from common.bnstats import recalibrate_bn
 from common.checkpoint import load_model, save_model
 from common.data import build_splits
+from common.errors import ConfigError
 from common.evaluate import evaluate
 from common.logging import write_json
 from common.models import model_widths
@@ -72,7 +73,13 @@ def run(cfg, inputs, ctx) -> dict:
         pruned, record = prune_round(acc, current, pc, per_round, example, rdir, recalibrate)
         record.update(round=k + 1, test_acc_pruned=accuracy(pruned, "test"))
         rounds.append(record)
-        ctx.logger.info(f"prune round {k + 1}: {record}")
+        recal = record.get("bn_recalibrated_on")
+        ctx.logger.info(
+            f"prune round {k + 1}: channels with |gamma| <= {record['threshold']:.4g} removed; "
+            f"params {record['params']}, MACs {record['macs']}, test acc "
+            f"{record['test_acc_pruned']:.4f}"
+            + (f" (BN statistics re-estimated on {recal} images)" if recal else "")
+        )
         round_spec = {**spec, "widths": model_widths(pruned)}
         if ctx.is_main and pc.iterative.rounds > 1:
             save_model(rdir / "model", pruned, round_spec)
@@ -142,6 +149,12 @@ def prune_round(acc, model: nn.Module, pc, ratio: float, example, rdir: Path, se
     threshold = agreed_threshold(acc, model, pc.target, ratio, floor, example, pc.round_to)
     masks = layer_keep_masks(model, threshold, floor)
     pruned, _, report = slim(model, masks, example, pc.round_to, floor)
+    if model_widths(pruned) == model_widths(model):
+        raise ConfigError(
+            f"`prune.ratio` {ratio} of the {pc.target} removes no channel: the per-layer floor "
+            f"`prune.min_channels_ratio` {floor} (and `prune.round_to` {pc.round_to}) keep every "
+            "channel of every layer; lower the floor or raise the ratio"
+        )
     settled = settle(pruned) if settle is not None else {}
     record = {
         "ratio": ratio,
