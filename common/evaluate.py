@@ -8,9 +8,10 @@ twice), float64 sums all-reduced.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -21,6 +22,33 @@ from common.precision import at_least_float32, cast_floating
 
 ExtraTerms = Callable[[torch.Tensor, dict], dict[str, torch.Tensor]]
 """(logits, batch) -> extra per-split sums (e.g. agreement with the teachers)."""
+
+
+def _logits(
+    model: nn.Module,
+    dataset: ViewDataset,
+    accelerator: Accelerator,
+    batch_size: int,
+    num_workers: int,
+    autocast: Callable[[], AbstractContextManager],
+    memory_format: torch.memory_format,
+) -> Iterator[tuple[dict, torch.Tensor]]:
+    """(batch, float32-or-wider logits) over this process's share of `dataset`, in eval mode
+    (the model's mode is restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    batches = eval_batches(
+        len(dataset), batch_size, accelerator.process_index, accelerator.num_processes
+    )
+    try:
+        for batch in make_loader(dataset, batches, num_workers):
+            batch = cast_floating(batch, dtype, accelerator.device)
+            images = batch["image"].contiguous(memory_format=memory_format)
+            with autocast():
+                yield batch, at_least_float32(model(images))
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -36,18 +64,9 @@ def evaluate(
     extra: ExtraTerms | None = None,
 ) -> dict[str, float]:
     """{"acc", "loss", <extra terms>, "num_samples"} over the whole `dataset`."""
-    was_training = model.training
-    model.eval()
-    dtype = next(model.parameters()).dtype
     sums: dict[str, torch.Tensor] = {}
-    batches = eval_batches(
-        len(dataset), batch_size, accelerator.process_index, accelerator.num_processes
-    )
-    for batch in make_loader(dataset, batches, num_workers):
-        batch = cast_floating(batch, dtype, accelerator.device)
-        images = batch["image"].contiguous(memory_format=memory_format)
-        with autocast():
-            logits = at_least_float32(model(images))
+    shares = _logits(model, dataset, accelerator, batch_size, num_workers, autocast, memory_format)
+    for batch, logits in shares:
         terms = {
             "correct": (logits.argmax(1) == batch["label"]).sum(),
             "loss": F.cross_entropy(logits, batch["label"], reduction="sum"),
@@ -56,7 +75,6 @@ def evaluate(
         }
         for k, v in terms.items():  # float64 sums: counts stay exact at any size
             sums[k] = sums.get(k, 0) + v.detach().double()
-    model.train(was_training)
     keys = sorted(sums) if sums else ["correct", "count", "loss"]
     vec = torch.stack(
         [torch.as_tensor(sums.get(k, 0.0), device=accelerator.device).double() for k in keys]
@@ -67,3 +85,33 @@ def evaluate(
     out.update({k: v / count for k, v in total.items()})
     out["num_samples"] = int(count)
     return out
+
+
+@torch.no_grad()
+def predictions(
+    model: nn.Module,
+    dataset: ViewDataset,
+    accelerator: Accelerator,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> dict[str, np.ndarray]:
+    """Per image of `dataset`, in sample order and gathered from every process:
+    {"sample_id", "label", "pred"} (int64). What paired comparisons over test images need
+    (`common.stats`), saved with every trained model so a report never re-evaluates."""
+    rows = [
+        torch.stack([batch["sample_id"], batch["label"], logits.argmax(1)], 1)
+        for batch, logits in _logits(
+            model, dataset, accelerator, batch_size, num_workers, autocast, memory_format
+        )
+    ]
+    mine = torch.cat(rows) if rows else torch.empty(0, 3, dtype=torch.long)
+    mine = mine.to(accelerator.device, torch.long)
+    if accelerator.num_processes > 1:  # shares differ by at most one image: pad with -1
+        mine = accelerator.pad_across_processes(mine, dim=0, pad_index=-1)
+        mine = accelerator.gather(mine)
+    table = mine[mine[:, 0] >= 0].cpu().numpy()
+    table = table[np.argsort(table[:, 0], kind="stable")]
+    return {"sample_id": table[:, 0], "label": table[:, 1], "pred": table[:, 2]}

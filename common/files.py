@@ -13,8 +13,15 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 MODEL_FILE, SPEC_FILE = "model.safetensors", "model.json"
 MANIFEST_FILE = "manifest.json"
+PREDICTIONS_FILE = "test_predictions.npz"
+"""Beside a trained model: its prediction for every test image (`sample_id`, `label`,
+`pred`), which paired comparisons over test images read (`common.stats`)."""
+ENSEMBLE_PREDICTIONS = "ensemble_test_predictions.npz"
+"""Beside a KD student: the teacher ensemble's prediction for every test image."""
 
 
 def honour_umask(path: str | Path) -> None:
@@ -66,3 +73,19 @@ def verify_manifest(directory: Path) -> str | None:
         if file_sha256(p) != want["sha256"]:
             return f"{rel} does not match its SHA-256 in the manifest"
     return None
+
+
+def save_predictions(path: Path, table: dict) -> None:
+    """`table` ({"sample_id", "label", "pred"} arrays) as .npz, under a temporary name first."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **table)
+    os.replace(tmp, path)
+
+
+def load_predictions(path: Path) -> dict | None:
+    """The table `save_predictions` wrote, or None when there is none (older runs)."""
+    if not path.is_file():
+        return None
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}

@@ -33,6 +33,7 @@ from common.checkpoint import (
     CheckpointManager,
     atomic_dir,
     commit_dir,
+    load_model,
     save_model,
 )
 from common.config import ConfigError, LoopConfig, RunConfig, identity_changes
@@ -40,7 +41,8 @@ from common.data import ReplayBatchSampler, Splits, fresh_view_per_epoch, make_l
 from common.data.loader import ViewChooser
 from common.distributed import configure_deepspeed, synchronise_batchnorm, zero3_for_teacher
 from common.errors import StageError, TrainingError
-from common.evaluate import evaluate
+from common.evaluate import evaluate, predictions
+from common.files import PREDICTIONS_FILE, save_predictions
 from common.logging import write_json
 from common.optim import build_optimizer, lr_at, set_lr
 from common.precision import DTYPES, at_least_float32, cast_floating, memory_format
@@ -373,7 +375,9 @@ class Trainer:
                 record.update({f"val_{k}": v for k, v in self.evaluate("val").items()})
             if last or self.loop.test_every_epoch or self.selection != "val":
                 record.update({f"test_{k}": v for k, v in self.evaluate("test").items()})
-            self._warn_if_eval_collapsed()
+            collapsed = self._warn_if_eval_collapsed()
+            if collapsed:  # into metrics.json and the report, not only the log
+                record["eval_collapsed"] = collapsed
             if self.selection == "val" and self._improves(record):
                 self.state.selected_epoch = epoch + 1
                 if self.acc.is_main_process:
@@ -390,12 +394,12 @@ class Trainer:
             )
         self._checkpoint(elapsed=record["elapsed_s"])
 
-    def _warn_if_eval_collapsed(self) -> None:
+    def _warn_if_eval_collapsed(self) -> str | None:
         """Say so once when eval-mode outputs are constant while train-mode ones are not
-        (stale BN statistics). Every rank runs the check: synchronised BN layers all-reduce
-        in train mode."""
+        (stale BN statistics), and return what was said. Every rank runs the check:
+        synchronised BN layers all-reduce in train mode."""
         if self._collapse_warned or self.deepspeed:
-            return
+            return None
         if self._collapse_images is None:  # the same 32 test images every epoch, read once
             test = self.splits.test
             images = torch.stack([test[(i, -1)]["image"] for i in range(min(len(test), 32))])
@@ -407,6 +411,7 @@ class Trainer:
         if message:
             self._collapse_warned = True
             self.log.info(f"warning: {message}")
+        return message
 
     def _improves(self, record: dict) -> bool:
         """Strictly better validation accuracy than the selected epoch (ties keep the earlier:
@@ -452,6 +457,8 @@ class Trainer:
             "selection_split": self.selection,
             "last": evaluated[-1] if evaluated else None,
             "splits": self.splits.sizes(),
+            "num_classes": self.splits.num_classes,
+            "eval_collapsed_epochs": [h["epoch"] for h in history if h.get("eval_collapsed")],
             "history": history,
             "steps": self.state.step,
             "world_size": self.acc.num_processes,
@@ -472,7 +479,25 @@ class Trainer:
             shutil.rmtree(best, ignore_errors=True)
             write_json(self.stage_dir / "metrics.json", metrics)
         self.acc.wait_for_everyone()
+        self._save_test_predictions(self.stage_dir / "model")
         return metrics
+
+    def _save_test_predictions(self, model_dir: Path) -> None:
+        """Per-image test predictions of the saved model (the selected epoch's weights):
+        what a paired comparison over test images reads, so a report never re-evaluates."""
+        model, _ = load_model(model_dir)
+        found = predictions(
+            model.to(self.acc.device),
+            self.splits.test,
+            self.acc,
+            batch_size=max(1, self.loop.batch_size // self.acc.num_processes),
+            num_workers=self.splits.num_workers,
+            autocast=self._autocast,
+            memory_format=self.memory_format,
+        )
+        if self.acc.is_main_process:
+            save_predictions(self.stage_dir / PREDICTIONS_FILE, found)
+        self.acc.wait_for_everyone()
 
     def _test_selected(self, record: dict) -> None:
         """The selected epoch's test numbers, from the weights saved when it was selected

@@ -11,7 +11,17 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+import numpy as np
+
+from common.files import ENSEMBLE_PREDICTIONS, PREDICTIONS_FILE, load_predictions
 from common.logging import read_json_if_any
+from common.stats import (
+    RESAMPLES,
+    accuracy_interval,
+    direction,
+    paired_bootstrap_interval,
+    paired_t_interval,
+)
 from distill.cache.layout import MANIFEST_FILE
 from launch import graph
 from launch.graph import Node
@@ -63,25 +73,96 @@ def _students(m: dict, stage: str) -> dict:
 
 
 def kd_gain(ce: dict, kd: dict) -> dict | None:
-    """KD minus CE, in accuracy, with the seeds' noise: the larger of the two sample stds.
-    "Larger than the noise" means larger than twice that spread. A CE and a KD student of one
-    seed share initialisation and batch order, so `ahead` also counts the seeds on which KD
-    beat its own twin."""
+    """KD minus CE, in accuracy, with the seeds' spread (the larger of the two sample stds).
+    A CE and a KD student of one seed share initialisation and batch order, so `ahead`
+    counts the seeds on which KD beat its own twin. Whether the gain is beyond noise is the
+    paired interval's to say (`verdicts`)."""
     if ce["mean"] is None or kd["mean"] is None:
         return None
-    gain = kd["mean"] - ce["mean"]
     spreads = [s for s in (ce["std"], kd["std"]) if s is not None]
-    spread = max(spreads) if len(spreads) == 2 else None
     ce_by_seed = {r["seed"]: r["acc"] for r in ce["seeds"] if r["acc"] is not None}
     twins = [(ce_by_seed[r["seed"]], r["acc"]) for r in kd["seeds"] if r["seed"] in ce_by_seed]
     return {
-        "gain": gain,
-        "spread": spread,
+        "gain": kd["mean"] - ce["mean"],
+        "spread": max(spreads) if len(spreads) == 2 else None,
         "n": min(ce["n"], kd["n"]),
-        "beyond_noise": None if spread is None else gain > 2 * spread,
         "ahead": sum(k > c for c, k in twins if k is not None),
         "twins": len(twins),
     }
+
+
+T_METHOD = "paired t-interval over seed pairs"
+BOOTSTRAP_METHOD = (
+    f"paired bootstrap over test images ({RESAMPLES:,} resamples; seed noise not covered)"
+)
+
+
+def _correct(cfg, node: Node, file: str = PREDICTIONS_FILE):
+    """Per test image, whether `node`'s saved model got it right (None: no predictions)."""
+    table = load_predictions(graph.directory(cfg, node) / file)
+    return None if table is None else table["pred"] == table["label"]
+
+
+def comparison(name: str, pairs: list[tuple], n_test: int | None, seeds: bool) -> dict | None:
+    """One `verdicts` entry from `pairs` of (accuracy A, accuracy B, correct A, correct B):
+    the t-interval of the per-seed differences with >= 3 seed pairs, else the paired
+    bootstrap over test images (all pairs' images, averaged per resample)."""
+    pairs = [p for p in pairs if p[0] is not None and p[1] is not None]
+    if seeds and len(pairs) >= 3:
+        stat, method = paired_t_interval([b - a for a, b, _, _ in pairs]), T_METHOD
+    elif pairs and all(p[2] is not None and p[3] is not None for p in pairs):
+        a, b = np.stack([p[2] for p in pairs]), np.stack([p[3] for p in pairs])
+        stat, method = paired_bootstrap_interval(a, b), BOOTSTRAP_METHOD
+    else:
+        return None
+    return {
+        "comparison": name,
+        "gain": stat["gain"],
+        "ci95": stat["ci95"],
+        "n_seeds": len(pairs) if seeds else None,
+        "n_test": n_test,
+        "method": method,
+        "beyond_noise": direction(stat["ci95"]) != "within noise",
+        "direction": direction(stat["ci95"]),
+    }
+
+
+def verdicts(cfg, r: dict) -> list[dict]:
+    """Every comparison the report makes, each with its paired 95% interval (`common.stats`)."""
+    n_test = (r["splits"] or {}).get("test")
+    out = []
+    e = r["ensemble"]
+    trained = graph.external_teachers(cfg) is None  # (given teachers have no predictions)
+    if trained and e["best_member"] is not None and e["acc"] is not None and e["members"] >= 2:
+        member = next(m for m in graph.members(cfg) if m.name == e["best_member"])
+        kd = [Node("distill", f"seed{s}") for s in graph.student_seeds(cfg)]
+        ensemble = next(
+            (c for n in kd if (c := _correct(cfg, n, ENSEMBLE_PREDICTIONS)) is not None), None
+        )
+        best = _correct(cfg, Node("train", member.name))
+        pair = (e["best_member_acc"], e["acc"], best, ensemble)
+        out.append(comparison("ensemble vs best member", [pair], n_test, seeds=False))
+    pairs = []
+    ce_rows = {row["seed"]: row["acc"] for row in r["student_ce"]["seeds"]}
+    for row in r["student_kd"]["seeds"]:
+        if row["seed"] in ce_rows:
+            seed = f"seed{row['seed']}"
+            pairs.append(
+                (
+                    ce_rows[row["seed"]],
+                    row["acc"],
+                    _correct(cfg, Node("distill-ce", seed)),
+                    _correct(cfg, Node("distill", seed)),
+                )
+            )
+    out.append(comparison("KD vs CE", pairs, n_test, seeds=True))
+    s = r["slim"]
+    source = graph.inputs(cfg, Node("sparsity")).get("model") if s["sparsity"] else None
+    if isinstance(source, Node) and s["pruned"]["acc"] is not None:
+        pair = (s["unpruned_acc"], s["pruned"]["acc"], _correct(cfg, source))
+        pair += (_correct(cfg, Node("finetune")),)
+        out.append(comparison("pruned + fine-tuned vs unpruned", [pair], n_test, seeds=True))
+    return [v for v in out if v is not None]
 
 
 def _teachers(cfg, m: dict, manifest: dict) -> list[dict]:
@@ -208,6 +289,8 @@ def collect(cfg, m: dict[Node, dict | None]) -> dict:
         if m.get(Node("export")) is None
         else {k: m[Node("export")][k] for k in ("ok", "source", "files", "checks")},
     }
+    report["verdicts"] = verdicts(cfg, report)
+    report["warnings"] = warnings_first(cfg, m, report)
     report["verdict"] = verdict(report)
     return report
 
@@ -222,32 +305,80 @@ def _pct(ratio: float) -> str:
     return f"{100 * (ratio - 1):+.0f}%"
 
 
+def interval_words(v: dict | None, what: str) -> str:
+    """ "95% CI [lo, hi] points over N seed pairs (method): beyond noise, A better than B" or
+    "...: within noise"; "" without an interval."""
+    if v is None:
+        return ""
+    lo, hi = (f"{100 * x:+.1f}" for x in v["ci95"])
+    over = f"over {v['n_seeds']} seed pair(s), " if v["n_seeds"] else ""
+    said = {"better": "beyond noise: {} better", "worse": "beyond noise: {} worse"}
+    words = said.get(v["direction"], "within noise").format(what)
+    return f", 95% CI [{lo}, {hi}] ({over}{v['n_test']} test images; {v['method']}): {words}"
+
+
+def warnings_first(cfg, m: dict[Node, dict | None], r: dict) -> list[str]:
+    """What makes other numbers meaningless, said before them: a model at chance (its test
+    accuracy's 95% interval holds 1 / classes) and evaluation outputs that collapsed."""
+    n_test = (r["splits"] or {}).get("test")
+    classes = next((v["num_classes"] for v in m.values() if v and "num_classes" in v), None)
+    out = []
+    if n_test and classes:
+        chance = 1 / classes
+        models = [(f"teacher {t['name']}", t["acc"]) for t in r["teachers"]]
+        models.append(("the teacher ensemble", r["ensemble"]["acc"]))
+        for label, key in (("CE student", "student_ce"), ("KD student", "student_kd")):
+            models += [(f"{label} seed {x['seed']}", x["acc"]) for x in r[key]["seeds"]]
+        models.append(("the pruned + fine-tuned student", r["slim"]["pruned"]["acc"]))
+        at_chance = [
+            f"{label} ({100 * acc:.1f}%)"
+            for label, acc in models
+            if acc is not None and accuracy_interval(acc, n_test)[0] <= chance
+        ]
+        if at_chance:
+            out.append(
+                f"AT CHANCE ({100 * chance:.1f}% with {classes} classes; the 95% interval of "
+                f"each accuracy on {n_test} test images reaches it): {', '.join(at_chance)}. "
+                "Comparisons involving them say nothing about the method; train longer or "
+                "check the data"
+            )
+    collapsed = [
+        f"{n.name} (epoch {v['eval_collapsed_epochs'][0]})"
+        for n, v in m.items()
+        if v and v.get("eval_collapsed_epochs")
+    ]
+    if collapsed:
+        out.append(
+            "EVALUATION COLLAPSED (eval-mode outputs constant over a batch: stale BatchNorm "
+            f"statistics) in {', '.join(collapsed)}: their test accuracies are not the "
+            "networks'; set `loop.recalibrate_bn` or train longer"
+        )
+    return out
+
+
 def verdict(r: dict) -> list[str]:
-    """Plain statements of what the numbers show, and only that."""
-    lines = []
+    """Plain statements of what the numbers show, and only that: each comparison with its
+    paired 95% interval and which way it points when the interval excludes 0."""
+    lines = list(r.get("warnings") or [])
+    by_name = {v["comparison"]: v for v in r.get("verdicts") or []}
     e = r["ensemble"]
     if e["members"] >= 2 and e["gain_over_best_member"] is not None:
         lines.append(
             f"ensemble of {e['members']} teachers: test acc {100 * e['acc']:.1f}%, "
             f"{_pts(e['gain_over_best_member'])} points over its best member "
             f"({e['best_member']}, {100 * e['best_member_acc']:.1f}%)"
+            + interval_words(by_name.get("ensemble vs best member"), "the ensemble")
         )
     elif e["members"] == 1:
         lines.append("one teacher: no ensemble to compare with a member")
     g = r["kd_gain"]
     if g is not None:
-        if g["spread"] is None:
-            lines.append(
-                f"KD gain {_pts(g['gain'])} points from {g['n']} seed: seed noise unknown "
-                f"(list several in distill.seeds)"
-            )
-        else:
-            lines.append(
-                f"KD gain {_pts(g['gain'])} ± {100 * g['spread']:.1f} points over {g['n']} "
-                f"seeds ({'larger' if g['beyond_noise'] else 'not larger'} than seed noise: "
-                f"the gain against twice the larger seed std); KD ahead of its CE twin on "
-                f"{g['ahead']} of {g['twins']} seeds"
-            )
+        twins = f"; KD ahead of its CE twin on {g['ahead']} of {g['twins']} seeds"
+        lines.append(
+            f"KD {_pts(g['gain'])} points over CE ({g['n']} seed(s))"
+            + interval_words(by_name.get("KD vs CE"), "KD")
+            + (twins if g["twins"] > 1 else "")
+        )
     s = r["slim"]
     p = s["pruned"]
     if s["params_ratio"] is not None:
@@ -265,6 +396,9 @@ def verdict(r: dict) -> list[str]:
                 f"accuracy {_pts(p['acc'] - ref)} points after fine-tune "
                 f"({_pts(p['acc_before_finetune'] - ref)} before) against the unpruned "
                 f"student {s['model']} ({100 * ref:.1f}%)"
+                + interval_words(
+                    by_name.get("pruned + fine-tuned vs unpruned"), "the pruned student"
+                )
             )
         lines.append("slimming: " + ", ".join(parts))
     c = r["cache"]

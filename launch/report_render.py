@@ -164,6 +164,31 @@ def markdown(r: dict, figures: dict[str, Path], md_path: Path) -> str:
         "",
     ]
     lines += _md_table(HEADER, result_rows(r))
+    if r.get("verdicts"):
+        lines += ["", "## Comparisons (paired, 95% intervals)", ""]
+        lines += _md_table(
+            (
+                "comparison",
+                "gain (points)",
+                "95% CI (points)",
+                "seed pairs",
+                "test images",
+                "method",
+                "result",
+            ),
+            [
+                (
+                    v["comparison"],
+                    f"{100 * v['gain']:+.2f}",
+                    "[" + ", ".join(f"{100 * x:+.2f}" for x in v["ci95"]) + "]",
+                    v["n_seeds"] or "-",
+                    v["n_test"],
+                    v["method"],
+                    v["direction"],
+                )
+                for v in r["verdicts"]
+            ],
+        )
     lines += ["", "## Teachers and cache", ""]
     lines += _md_table(
         ("teacher", "model", "test acc", "val acc", "acc on cached views"),

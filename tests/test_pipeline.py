@@ -9,11 +9,13 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from common.checkpoint import load_model
 from common.config import ConfigError, load_config
+from common.stats import accuracy_interval
 from launch import graph
 from launch.config import Config
 from tests.conftest import ROOT, run_cli
@@ -83,7 +85,7 @@ def test_first_run_runs_every_node_of_the_graph_and_prints_the_verdict(run_dir):
     ] == EVERY
     assert f"report: {(out / 'report' / 'report.json').resolve()}" in stdout
     assert "pruned + fine-tuned" in stdout and "student KD (cached)" in stdout
-    assert "verdict:" in stdout and "KD gain" in stdout and "(2 seeds)" in stdout
+    assert "verdict:" in stdout and "points over CE (2 seed(s)), 95% CI [" in stdout
     for node in EVERY:  # each finished node records what it was made from
         key = json.loads(
             (graph.directory(_cfg(out), graph.Node.parse(node)) / "key.json").read_text()
@@ -138,9 +140,29 @@ def test_report_has_every_field(run_dir):
         assert s["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5, rel=1e-12)
     g = r["kd_gain"]
     assert g["gain"] == r["student_kd"]["mean"] - r["student_ce"]["mean"]
-    assert g["beyond_noise"] == (g["gain"] > 2 * g["spread"])
     twins = zip(r["student_ce"]["seeds"], r["student_kd"]["seeds"])
     assert g["twins"] == 2 and g["ahead"] == sum(kd["acc"] > ce["acc"] for ce, kd in twins)
+    # every comparison with its paired interval, recomputable from the saved predictions
+    v = {x["comparison"]: x for x in r["verdicts"]}
+    assert list(v) == ["ensemble vs best member", "KD vs CE", "pruned + fine-tuned vs unpruned"]
+    for x in v.values():
+        assert x["n_test"] == 96 and x["ci95"][0] <= x["gain"] <= x["ci95"][1], x
+        assert x["beyond_noise"] == (x["direction"] != "within noise"), x
+        assert x["method"].startswith("paired bootstrap over test images"), x  # < 3 seeds
+    assert (v["KD vs CE"]["n_seeds"], v["ensemble vs best member"]["n_seeds"]) == (2, None)
+
+    def correct(stage: str, file: str = "test_predictions.npz"):
+        table = np.load(out / stage / file)
+        assert list(table["sample_id"]) == list(range(96))
+        return table["pred"] == table["label"]
+
+    kd_minus_ce = [
+        correct(f"distill/seed{i}").mean() - correct(f"distill-ce/seed{i}").mean() for i in (0, 1)
+    ]
+    assert v["KD vs CE"]["gain"] == pytest.approx(np.mean(kd_minus_ce), abs=1e-12)
+    assert v["KD vs CE"]["gain"] == pytest.approx(g["gain"], abs=1e-12)
+    ensemble = correct("distill/seed0", "ensemble_test_predictions.npz").mean()
+    assert ensemble == pytest.approx(r["ensemble"]["acc"], abs=1e-12)
     e = r["ensemble"]
     assert e["members"] == 2 and e["best_member_acc"] == max(t["acc"] for t in r["teachers"])
     assert e["gain_over_best_member"] == e["acc"] - e["best_member_acc"]
@@ -159,12 +181,20 @@ def test_report_has_every_field(run_dir):
     assert s["baseline"]["latency_ms"]["1"] > 0 and s["pruned"]["latency_ms"]["1"] > 0
     assert s["prune_ratio"] == 0.5 and s["target"] == "channels"
     assert {"below_1pct", "valley", "bimodality"} <= set(s["sparsity"]["separation"])
-    assert len(r["verdict"]) == 4
-    assert r["verdict"][0].startswith("ensemble of 2 teachers")
-    assert r["verdict"][1].startswith("KD gain") and "over 2 seeds" in r["verdict"][1]
-    assert r["verdict"][2].startswith("slimming: params -")
+    # these tiny models sit at chance: said first, naming each (the Wilson interval of its
+    # accuracy on the 96 test images reaches 10%)
+    chance = [t["acc"] for t in r["teachers"]] + [x["acc"] for x in r["student_kd"]["seeds"]]
+    assert any(accuracy_interval(a, 96)[0] <= 0.1 for a in chance), chance
+    assert r["warnings"][0].startswith("AT CHANCE (10.0% with 10 classes")
+    assert r["verdict"][: len(r["warnings"])] == r["warnings"]  # said before anything else
+    verdict = r["verdict"][len(r["warnings"]) :]
+    assert len(verdict) == 4
+    assert verdict[0].startswith("ensemble of 2 teachers")
+    assert verdict[1].startswith("KD ") and "95% CI [" in verdict[1]
+    assert "over 2 seed pair(s), 96 test images; paired bootstrap" in verdict[1]
+    assert verdict[2].startswith("slimming: params -")
     over = s["latency_ratio"]["1"] / s["macs_ratio"]  # how far latency fell against MACs
-    assert f"latency kept / MACs kept {over:.2f}" in r["verdict"][2]
+    assert f"latency kept / MACs kept {over:.2f}" in verdict[2]
     md = (out / "report" / "report.md").read_text()
     assert "## Verdict" in md and "173 training, 19 validation" in md
     for key in ("accuracy", "gamma_before", "gamma_after", "widths"):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,6 +59,10 @@ def test_two_process_ddp_equals_one_process(tmp_path, accum):
     assert m1["last"]["test_num_samples"] == m2["last"]["test_num_samples"] == 359
     assert m1["last"]["val_num_samples"] == m2["last"]["val_num_samples"] == 144
     assert m1["last"]["test_acc"] == m2["last"]["test_acc"]
+    # per-image predictions gathered from both ranks, in sample order: those of one process
+    p1, p2 = (np.load(tmp_path / r / T / "test_predictions.npz") for r in ("one", "two"))
+    assert all(np.array_equal(p1[k], p2[k]) for k in ("sample_id", "label", "pred"))
+    assert list(p2["sample_id"]) == list(range(359))
     # the logged loss is the global batch's, not rank 0's half of it
     s1, s2 = (
         [json.loads(x)["loss"] for x in (tmp_path / r / T / "steps.jsonl").open()]
@@ -156,6 +161,11 @@ def test_cli_train_on_digits_learns_and_saves_a_rebuildable_model(tmp_path):
         splits = build_splits(DataConfig(name="digits", image_size=16, pad=2, hflip=False), 0)
         acc = evaluate(model, splits.test, Accelerator(cpu=True), batch_size=64)["acc"]
     assert acc == metrics["selected"]["test_acc"]
+    # beside it, its prediction for every test image (what paired comparisons read)
+    table = np.load(tmp_path / T / "test_predictions.npz")
+    assert list(table["sample_id"]) == list(range(359))
+    assert list(table["label"]) == list(splits.test.source.labels)
+    assert (table["pred"] == table["label"]).mean() == metrics["selected"]["test_acc"]
 
 
 @pytest.mark.slow

@@ -7,9 +7,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
+
 from common.config import KDConfig
 from common.data import Splits, build_splits
 from common.distributed import place_frozen
+from common.files import ENSEMBLE_PREDICTIONS, save_predictions
 from common.precision import DTYPES
 from common.runtime import StageContext
 from common.trainer import CrossEntropyTask
@@ -34,8 +37,11 @@ def live_ensemble(cfg, teachers: list[TeacherConfig], ctx: StageContext, num_cla
 
 
 def test_logits(cfg, ensemble: Ensemble, splits: Splits, ctx: StageContext):
+    """The ensemble's test logits on this process's share (the rows of the others are zero),
+    and, in the stage directory, its prediction for every test image (`ENSEMBLE_PREDICTIONS`:
+    what the ensemble-against-member comparison pairs)."""
     acc = ctx.accelerator
-    return teacher_test_logits(
+    logits = teacher_test_logits(
         ensemble,
         splits.test,
         acc.process_index,
@@ -43,6 +49,16 @@ def test_logits(cfg, ensemble: Ensemble, splits: Splits, ctx: StageContext):
         acc.device,
         dtype=DTYPES[cfg.run.dtype],
     )
+    full = logits.float().to(acc.device)
+    if acc.num_processes > 1:  # each row is one process's, zero elsewhere
+        full = acc.reduce(full, reduction="sum")
+    if ctx.is_main:
+        ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+        ids = np.arange(len(splits.test))
+        labels = np.asarray(splits.test.source.labels, dtype=np.int64)[ids]
+        table = {"sample_id": ids, "label": labels, "pred": full.argmax(1).cpu().numpy()}
+        save_predictions(ctx.stage_dir / ENSEMBLE_PREDICTIONS, table)
+    return logits
 
 
 def cached_kd(
