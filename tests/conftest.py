@@ -1,4 +1,6 @@
-"""Shared test fixtures: small real data on disk, a free port, a multi-process launcher."""
+"""Shared test fixtures: small real data on disk, the session's tiny teachers and reference
+cache (`tests/artifacts.py`), the command-line runners (`tests/cli.py`), and how pytest-xdist
+hands tests to its workers."""
 
 from __future__ import annotations
 

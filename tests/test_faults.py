@@ -256,19 +256,24 @@ def _start_training(tmp_path, out):
     return proc
 
 
+def _ctrl_c(proc: subprocess.Popen, times: int) -> int:
+    """Press Ctrl-C `times` times (SIGINT, as a terminal sends it); the exit status."""
+    try:
+        for _ in range(times):
+            proc.send_signal(signal.SIGINT)
+        return proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 @pytest.mark.slow
 def test_ctrl_c_checkpoints_and_stops_with_one_line_a_second_stops_at_once(tmp_path):
     """Ctrl-C behaves like a preemption: the step under way finishes, a checkpoint is saved,
     one line, exit status 130, and the same command resumes. A second Ctrl-C stops at once
     (exit status 130, one line, no traceback); the checkpoints already written stay valid."""
     out = tmp_path / "run"
-    proc = _start_training(tmp_path, out)
-    try:
-        proc.send_signal(signal.SIGINT)
-        rc = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    rc = _ctrl_c(_start_training(tmp_path, out), times=1)
     stderr = (tmp_path / "stderr").read_text()
     latest = CheckpointManager(out / T / "checkpoints", keep=3, is_main=False).latest()
     step = json.loads((latest / "trainer_state.json").read_text())["step"]
@@ -280,14 +285,7 @@ def test_ctrl_c_checkpoints_and_stops_with_one_line_a_second_stops_at_once(tmp_p
     assert f"resumed from {latest}" in resumed.stdout, resumed.stdout[-2000:]
 
     twice = tmp_path / "twice"
-    proc = _start_training(tmp_path, twice)
-    try:
-        proc.send_signal(signal.SIGINT)
-        proc.send_signal(signal.SIGINT)
-        rc = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    rc = _ctrl_c(_start_training(tmp_path, twice), times=2)
     stderr = (tmp_path / "stderr").read_text()
     assert rc == 130 and "Traceback" not in stderr, stderr[-3000:]
     assert len([x for x in stderr.splitlines() if x.startswith("interrupted")]) == 1, stderr
