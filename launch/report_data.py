@@ -253,6 +253,25 @@ def _slim(cfg, m: dict) -> dict:
     }
 
 
+def data_description(cfg) -> dict:
+    """What the accuracies are of: the dataset, its classes and chance level, the image size,
+    and which folder the reported "test" split is (a user's `val/` is reported as test)."""
+    from common.data.sources import build_source
+
+    d = cfg.data
+    test = build_source(d, "test")
+    folder = getattr(test, "folder", None)
+    return {
+        "name": d.name,
+        "root": d.root,
+        "num_classes": test.num_classes,
+        "classes": getattr(test, "classes", None),
+        "chance": 1 / test.num_classes,
+        "image_size": d.image_size,
+        "test_split": str(folder) if folder else f"the {d.name} test split",
+    }
+
+
 def collect(cfg, m: dict[Node, dict | None]) -> dict:
     """The report from `m`, the `node_metrics(cfg)` of the same run."""
     cache_metrics = m.get(Node("cache")) or {}
@@ -265,8 +284,11 @@ def collect(cfg, m: dict[Node, dict | None]) -> dict:
     teachers = _teachers(cfg, m, manifest)
     ce, kd = _students(m, "distill-ce"), _students(m, "distill")
     splits = next((v["splits"] for v in m.values() if v and "splits" in v), None)
+    student = cfg.distill.student
     report = {
         "out_dir": str(cfg.run.out_dir),
+        "data": data_description(cfg),
+        "student_architecture": {"name": student.name, "kwargs": student.kwargs},
         "splits": splits,
         "selection": "best epoch on the validation split; test accuracy of that epoch",
         "teachers": teachers,

@@ -153,7 +153,17 @@ def markdown(r: dict, figures: dict[str, Path], md_path: Path) -> str:
     sp = r["splits"] or {}
     lines = [f"# kdslim report: `{r['out_dir']}`", "", "## Verdict", ""]
     lines += [f"- {v}" for v in r["verdict"]] or ["(no stage results yet)"]
+    d, arch = r["data"], r["student_architecture"]
+    names = d["classes"] or []
+    shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
     lines += [
+        "",
+        f"Data: `{d['name']}`" + (f" at `{d['root']}`" if d["root"] else "") + f", "
+        f"{d['num_classes']} classes" + (f" ({shown})" if names else "") + f", chance "
+        f"{100 * d['chance']:.1f}%, images {d['image_size']}x{d['image_size']}; the test split "
+        f"reported below is {d['test_split']}. Students: `{arch['name']}`"
+        + (f" {arch['kwargs']}" if arch["kwargs"] else "")
+        + "; teachers: see their table.",
         "",
         f"Splits: {sp.get('train', '-')} training, {sp.get('val', '-')} validation (held out "
         f"from the training data), {sp.get('test', '-')} test samples. Every stage chose its "

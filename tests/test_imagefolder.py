@@ -104,6 +104,12 @@ def test_recipe_runs_end_to_end_on_your_own_images(tmp_path):
     assert slim["pruned"]["params"] < slim["baseline"]["params"]
     text = (out / "report" / "report.md").read_text()
     assert "## Verdict" in text and "tv_resnext50_32x4d-s0" in text
+    # the report names its data: classes, chance, and that the user's val/ is the "test" split
+    assert report["data"]["classes"] == ["blue", "green", "red"]  # sorted folder names
+    assert report["data"]["chance"] == 1 / 3
+    assert f"the test split reported below is {data / 'val'}" in text
+    assert "3 classes (blue, green, red), chance 33.3%" in text
+    assert "Students: `tv_mobilenet_v3_large`" in text
     spec = json.loads((out / "finetune" / "model" / "model.json").read_text())
     assert spec["name"] == "tv_mobilenet_v3_large" and spec["widths"]  # pruned: stored widths
     export = json.loads((out / "export" / "export.json").read_text())

@@ -197,6 +197,17 @@ def test_report_has_every_field(run_dir):
     assert f"latency kept / MACs kept {over:.2f}" in verdict[2]
     md = (out / "report" / "report.md").read_text()
     assert "## Verdict" in md and "173 training, 19 validation" in md
+    assert r["data"] == {
+        "name": "digits",
+        "root": None,
+        "num_classes": 10,
+        "classes": None,
+        "chance": 0.1,
+        "image_size": 12,
+        "test_split": "the digits test split",
+    }
+    assert "Data: `digits`, 10 classes, chance 10.0%, images 12x12; the test split" in md
+    assert r["student_architecture"]["name"] == "cifar_vgg11" and "Students: `cifar_vgg11`" in md
     for key in ("accuracy", "gamma_before", "gamma_after", "widths"):
         png = out / "report" / f"{key}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png

@@ -248,7 +248,7 @@ class ImageFolderSource(ImageSource):
                 )
             paths += files
             labels += [c] * len(files)
-        self.classes = classes
+        self.classes, self.folder = classes, split_dir
         self._paths = [str(p) for p in paths]
         self.labels = np.asarray(labels, dtype=np.int64)
         self.name, self.split, self.num_classes = "imagefolder", split, len(classes)
