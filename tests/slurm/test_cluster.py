@@ -237,7 +237,9 @@ def test_a_slurmd_killed_mid_job_is_restarted_and_the_cluster_goes_on(
     _assert_completed(slurm_cluster.wait(again, timeout=90))
     # a second death in the same test is not papered over: it fails, naming the daemon
     os.kill(int((slurm_cluster.dir / "run" / "slurmd.n1.pid").read_text()), signal.SIGKILL)
+    deadline = time.monotonic() + 30
     while slurm_cluster.dead_daemons() != ["slurmd n1"]:
+        assert time.monotonic() < deadline, slurm_cluster.dead_daemons()
         time.sleep(0.1)
     with pytest.raises(SlurmDaemonDied, match=r"slurmd n1 died again[\s\S]*slurmd\.n1\.log"):
         slurm_cluster.watch()
