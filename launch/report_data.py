@@ -225,6 +225,9 @@ def _slim(cfg, m: dict) -> dict:
             "s": sparsity.get("s"),
             "shrink": sparsity.get("shrink"),
             "separation": (sparsity.get("separation") or {}).get("after"),
+            "median_gamma_before": ((sparsity.get("separation") or {}).get("before") or {}).get(
+                "median"
+            ),
         },
         "baseline": {
             "params": before.get("params"),
@@ -339,9 +342,16 @@ def interval_words(v: dict | None, what: str) -> str:
     return f", 95% CI [{lo}, {hi}] ({over}{v['n_test']} test images; {v['method']}): {words}"
 
 
+UNSEPARATED = 0.1
+"""A sparsity phase whose total L1 shrinkage is under this share of the median |gamma| it
+started from cannot have separated the scales (Liu et al.'s recipe applies ~0.6, about the
+initial |gamma| of 0.5; FIELD_NOTES "NS arithmetic")."""
+
+
 def warnings_first(cfg, m: dict[Node, dict | None], r: dict) -> list[str]:
     """What makes other numbers meaningless, said before them: a model at chance (its test
-    accuracy's 95% interval holds 1 / classes) and evaluation outputs that collapsed."""
+    accuracy's 95% interval holds 1 / classes), a sparsity phase too weak to separate the
+    scales, and evaluation outputs that collapsed."""
     n_test = (r["splits"] or {}).get("test")
     classes = next((v["num_classes"] for v in m.values() if v and "num_classes" in v), None)
     out = []
@@ -364,6 +374,15 @@ def warnings_first(cfg, m: dict[Node, dict | None], r: dict) -> list[str]:
                 "Comparisons involving them say nothing about the method; train longer or "
                 "check the data"
             )
+    sp = r["slim"]["sparsity"] or {}
+    shrink, median = sp.get("shrink"), sp.get("median_gamma_before")
+    if shrink is not None and median and shrink < UNSEPARATED * median:
+        out.append(
+            f"SPARSITY DID NOT SEPARATE THE SCALES: its L1 budget s x sum(lr) = {shrink:.2g} is "
+            f"{100 * shrink / median:.2g}% of the median |gamma| before it ({median:.2g}), so no "
+            "scale could move far and the |gamma| histogram describes the weights it started "
+            "from; set `sparsity.shrink` near that median (default 0.6) or raise `sparsity.s`"
+        )
     collapsed = [
         f"{n.name} (epoch {v['eval_collapsed_epochs'][0]})"
         for n, v in m.items()
