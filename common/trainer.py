@@ -457,7 +457,6 @@ class Trainer:
             "selection_split": self.selection,
             "last": evaluated[-1] if evaluated else None,
             "splits": self.splits.sizes(),
-            "num_classes": self.splits.num_classes,
             "eval_collapsed_epochs": [h["epoch"] for h in history if h.get("eval_collapsed")],
             "history": history,
             "steps": self.state.step,

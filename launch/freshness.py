@@ -134,7 +134,7 @@ def is_complete(cfg, node: Node) -> bool:
 class Status:
     state: str
     """complete | new | resume (unfinished, same key) | stale (finished or started under
-    another key)."""
+    another key) | check (complete, but a check the user named: `launch.runner`)."""
     why: str
 
 

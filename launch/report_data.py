@@ -122,8 +122,8 @@ def comparison(name: str, pairs: list[tuple], n_test: int | None, seeds: bool) -
         "n_seeds": len(pairs) if seeds else None,
         "n_test": n_test,
         "method": method,
-        "beyond_noise": direction(stat["ci95"]) != "within noise",
-        "direction": direction(stat["ci95"]),
+        "beyond_noise": (said := direction(stat["ci95"])) != "within noise",
+        "direction": said,
     }
 
 
@@ -157,7 +157,7 @@ def verdicts(cfg, r: dict) -> list[dict]:
             )
     out.append(comparison("KD vs CE", pairs, n_test, seeds=True))
     s = r["slim"]
-    source = graph.inputs(cfg, Node("sparsity")).get("model") if s["sparsity"] else None
+    source = _slimmed(cfg) if s["sparsity"] else None
     if isinstance(source, Node) and s["pruned"]["acc"] is not None:
         pair = (s["unpruned_acc"], s["pruned"]["acc"], _correct(cfg, source))
         pair += (_correct(cfg, Node("finetune")),)
@@ -209,11 +209,16 @@ def _ensemble(teachers: list[dict], kd_rows: list[dict | None], manifest: dict) 
     }
 
 
+def _slimmed(cfg):
+    """What slimming started from: the node (or model directory) the sparsity stage reads."""
+    return graph.inputs(cfg, Node("sparsity")).get("model")
+
+
 def _slim(cfg, m: dict) -> dict:
     sparsity, finetune = m.get(Node("sparsity")), m.get(Node("finetune"))
     prune = m.get(Node("prune")) or {}
     before, after = prune.get("before") or {}, prune.get("after") or {}
-    source = graph.inputs(cfg, Node("sparsity")).get("model") if sparsity else None
+    source = _slimmed(cfg) if sparsity else None
     unpruned = m.get(source) if isinstance(source, Node) else None
     return {
         "model": None if source is None else getattr(source, "name", str(source)),
@@ -315,7 +320,7 @@ def collect(cfg, m: dict[Node, dict | None]) -> dict:
         else {k: m[Node("export")][k] for k in ("ok", "source", "files", "checks")},
     }
     report["verdicts"] = verdicts(cfg, report)
-    report["warnings"] = warnings_first(cfg, m, report)
+    report["warnings"] = warnings_first(m, report)
     report["verdict"] = verdict(report)
     return report
 
@@ -348,12 +353,11 @@ started from cannot have separated the scales (Liu et al.'s recipe applies ~0.6,
 initial |gamma| of 0.5; FIELD_NOTES "NS arithmetic")."""
 
 
-def warnings_first(cfg, m: dict[Node, dict | None], r: dict) -> list[str]:
+def warnings_first(m: dict[Node, dict | None], r: dict) -> list[str]:
     """What makes other numbers meaningless, said before them: a model at chance (its test
     accuracy's 95% interval holds 1 / classes), a sparsity phase too weak to separate the
     scales, and evaluation outputs that collapsed."""
-    n_test = (r["splits"] or {}).get("test")
-    classes = next((v["num_classes"] for v in m.values() if v and "num_classes" in v), None)
+    n_test, classes = (r["splits"] or {}).get("test"), r["data"]["num_classes"]
     out = []
     if n_test and classes:
         chance = 1 / classes

@@ -48,8 +48,9 @@ def run_node(
     ident = freshness.identity(cfg, node)
     stage = graph.BY_NAME[node.stage]
     module = importlib.import_module(f"launch.stages.{stage.module_name}")
-    made = first_missing(graph.directory(cfg, node))
-    ctx = runtime.open(cfg, node.name, node.instance, graph.directory(cfg, node), ident.as_dict())
+    d = graph.directory(cfg, node)
+    made = first_missing(d)
+    ctx = runtime.open(cfg, node.name, node.instance, d, ident.as_dict())
     start, refused = time.time(), False
     try:
         module.run(cfg, graph.resolve(cfg, node), ctx)

@@ -93,9 +93,11 @@ def run_cli(
     """Run `kdslim *args` to completion; raise with its output on failure (`check`).
 
     `processes`, or `accelerate launch` flags (`flags`, e.g. a DeepSpeed `--config_file`),
-    make it a multi-process run. `launcher`: "inprocess" (this process, or workers forked from
-    it with the environment `accelerate launch` would give them) or "subprocess" (a real
-    `python -m launch`, or a real `accelerate launch`).
+    make it a multi-process run. `timeout` bounds new processes and forked ranks; a run in
+    this process is bounded by the test's own time limit (pytest-timeout). `launcher`:
+    "inprocess" (this process, or workers forked from it with the environment `accelerate
+    launch` would give them) or "subprocess" (a real `python -m launch`, or a real
+    `accelerate launch`).
     """
     env = env or cli_env()
     multi = processes > 1 or flags is not None
@@ -285,7 +287,6 @@ def _become_worker(log: Path, env: dict) -> None:
     os.environ.update(env)
     os.chdir(ROOT)
     _reset_accelerate()
-    warnings.resetwarnings()
     _fresh_warnings()
 
 

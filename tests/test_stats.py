@@ -83,6 +83,7 @@ def test_a_run_that_learnt_nothing_is_reported_at_chance_first():
 
     seeds = [{"seed": 0, "acc": 0.20}, {"seed": 1, "acc": 0.22}]
     r = {
+        "data": {"num_classes": 5},
         "splits": {"test": 100},
         "teachers": [{"name": "t0", "acc": 0.90}],
         "ensemble": {"acc": None},
@@ -94,13 +95,13 @@ def test_a_run_that_learnt_nothing_is_reported_at_chance_first():
             "sparsity": {"shrink": 0.0002, "median_gamma_before": 0.98},
         },
     }
-    metrics = {Node("train", "t0"): {"num_classes": 5, "eval_collapsed_epochs": [3]}}
-    [chance, unseparated, collapsed] = warnings_first(None, metrics, r)
+    metrics = {Node("train", "t0"): {"eval_collapsed_epochs": [3]}}
+    [chance, unseparated, collapsed] = warnings_first(metrics, r)
     assert unseparated.startswith("SPARSITY DID NOT SEPARATE THE SCALES")
     assert "0.0002 is 0.02% of the median |gamma| before it (0.98)" in unseparated
     assert "`sparsity.shrink`" in unseparated
     r["slim"]["sparsity"]["shrink"] = 0.6  # Liu et al.'s budget: no warning
-    assert len(warnings_first(None, metrics, r)) == 2
+    assert len(warnings_first(metrics, r)) == 2
     assert chance.startswith("AT CHANCE (20.0% with 5 classes")
     assert "CE student seed 0 (20.0%)" in chance and "CE student seed 1 (22.0%)" in chance
     assert "pruned + fine-tuned student (26.4%)" in chance  # 26.4% of 100: within reach

@@ -47,10 +47,9 @@ def cached_file(weights) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
 
 
-def missing_offline(tv_name: str, pretrained: str) -> str | None:
-    """Offline with the file of torchvision's `pretrained` weights of `tv_name` not in the
+def missing_offline(weights) -> str | None:
+    """Offline with the file of torchvision's `weights` (a weights enum member) not in the
     torch hub cache: what to put where. None when the file is there or downloads are on."""
-    weights = torchvision_weights(tv_name, pretrained)
     path = cached_file(weights)
     if path.is_file() or not offline():
         return None
@@ -67,7 +66,7 @@ def load_pretrained_torchvision(model: nn.Module, tv_name: str, pretrained: str)
     shapes loaded, the rest (a head for another class count) left as initialised, with a
     warning naming them."""
     weights = torchvision_weights(tv_name, pretrained)
-    missing = missing_offline(tv_name, pretrained)
+    missing = missing_offline(weights)
     if missing:
         raise ConfigError(missing)
     path = cached_file(weights)

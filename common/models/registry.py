@@ -25,7 +25,7 @@ from torch import nn
 from common.config import ConfigError
 from common.precision import match_state_precision
 
-from .pretrained import load_pretrained_torchvision
+from .pretrained import load_pretrained_torchvision, torchvision_weights
 from .pretrained import missing_offline as tv_missing_offline
 from .timm_models import TIMM_PREFIX, build_timm, timm_arch
 from .timm_models import missing_offline as timm_missing_offline
@@ -122,7 +122,9 @@ def check_model(name: str, pretrained: str | None = None) -> str | None:
         return timm_missing_offline(name, pretrained)
     if name.startswith(TV_PREFIX):
         tv_name = _torchvision_name(name)
-        return None if pretrained is None else tv_missing_offline(tv_name, pretrained)
+        if pretrained is None:
+            return None
+        return tv_missing_offline(torchvision_weights(tv_name, pretrained))
     if name not in _MODELS:
         raise _unknown_model(name)
     if pretrained is not None:

@@ -52,11 +52,12 @@ def test_logits(cfg, ensemble: Ensemble, splits: Splits, ctx: StageContext):
     full = logits.float().to(acc.device)
     if acc.num_processes > 1:  # each row is one process's, zero elsewhere
         full = acc.reduce(full, reduction="sum")
-    if ctx.is_main:
-        ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-        ids = np.arange(len(splits.test))
-        labels = np.asarray(splits.test.source.labels, dtype=np.int64)[ids]
-        table = {"sample_id": ids, "label": labels, "pred": full.argmax(1).cpu().numpy()}
+    if ctx.is_main:  # (runtime.open made the stage directory)
+        table = {
+            "sample_id": np.arange(len(splits.test)),
+            "label": np.asarray(splits.test.source.labels, dtype=np.int64),
+            "pred": full.argmax(1).cpu().numpy(),
+        }
         save_predictions(ctx.stage_dir / ENSEMBLE_PREDICTIONS, table)
     return logits
 
