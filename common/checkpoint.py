@@ -5,7 +5,8 @@ Two artifacts:
   count, factory kwargs and, for pruned models, the per-layer widths), rebuildable with
   `load_model(dir)` and nothing else: no pickled modules, no original model needed;
 - a *checkpoint*: `ckpt-<step>/` with the model, optimizer state (`torch.save`, read back with
-  `weights_only=True`), RNG state and the trainer's counters as JSON. Under DeepSpeed ZeRO the
+  `weights_only=True`), RNG state, the trainer's counters as JSON and, where the loop keeps
+  one, the weight average (safetensors). Under DeepSpeed ZeRO the
   optimizer state is partitioned over ranks: it is written by DeepSpeed's own
   `engine.save_checkpoint` into `ckpt-<step>/deepspeed/` (one shard per rank, loaded back by
   `engine.load_checkpoint`, which unpickles: DeepSpeed offers no weights-only path); the
@@ -50,6 +51,8 @@ from common.precision import match_state_precision
 
 _CKPT_PREFIX = "ckpt-"
 SHARDED_DIR = "deepspeed"
+AVERAGE_FILE = "average.safetensors"
+"""The weight average (`loop.ema_decay`) inside a ckpt dir, when the loop keeps one."""
 """DeepSpeed engine checkpoint inside a ckpt dir (ZeRO optimizer shards, one file per rank)."""
 
 
@@ -187,11 +190,13 @@ class CheckpointManager:
         *,
         sharded: Callable[[Path], None] | None = None,
         barrier: Callable[[], None] | None = None,
+        average: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Rank 0 writes the checkpoint. With `sharded` (DeepSpeed ZeRO, whose optimizer state
         is partitioned over ranks) EVERY rank must call this: each runs `sharded(dir)` into one
         shared temp dir (a file system all nodes see), then rank 0 adds the rest, the manifest
-        and renames; `optimizer` is then None (its state lives in the shards)."""
+        and renames; `optimizer` is then None (its state lives in the shards). `average`: the
+        weight average's state (`common.ema`), kept beside the weights."""
         final = self.root / f"{_CKPT_PREFIX}{step:09d}"
         if sharded is None:
             if not self.is_main:
@@ -217,6 +222,8 @@ class CheckpointManager:
             },
             tmp / "optim.pt",
         )
+        if average is not None:
+            save_file(average, str(tmp / AVERAGE_FILE))
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         # Written last: its presence marks the directory complete even before the rename.
         write_manifest(tmp)
@@ -235,4 +242,7 @@ class CheckpointManager:
             "optimizer": blob["optimizer"],
             "torch_rng": blob["torch_rng"],
             "state": json.loads((path / "trainer_state.json").read_text()),
+            "average": load_file(str(path / AVERAGE_FILE))
+            if (path / AVERAGE_FILE).is_file()
+            else None,
         }

@@ -257,6 +257,10 @@ class LoopConfig:
     0.01), whose running statistics are still near their initial values when evaluated and
     whose eval-mode outputs then collapse to one class. 0: off (the trainer still warns when
     it sees that collapse)."""
+    ema_decay: Annotated[float | None, _n(0, 1, open_lo=True, open_hi=True)] = None
+    """Evaluate, select and save an exponential moving average of the weights (and BN
+    statistics), updated after every optimizer step with this decay: 0.99 averages over about
+    the last 100 steps (`common.ema`). None: the raw weights."""
     log_every: POSITIVE_INT = 10
     """Log the loss terms every N optimizer steps (wandb and `<stage>/steps.jsonl`)."""
     checkpoint_every_steps: NON_NEGATIVE_INT = 0
@@ -429,6 +433,7 @@ def from_dict(cls: type, data: dict, *, src: str = "<config>", prefix: str = "")
 
 ADDED_LATER = {
     "*.loop.recalibrate_bn": 0,
+    "*.loop.ema_decay": None,
 }
 """Keys added after finished runs existed, with the value that reproduces the behaviour from
 before they existed. At that value a key is left out of a node's key (`launch.freshness`), so

@@ -40,6 +40,7 @@ from common.config import ConfigError, LoopConfig, RunConfig, identity_changes
 from common.data import ReplayBatchSampler, Splits, fresh_view_per_epoch, make_loader
 from common.data.loader import ViewChooser
 from common.distributed import configure_deepspeed, synchronise_batchnorm, zero3_for_teacher
+from common.ema import WeightAverage
 from common.errors import StageError, TrainingError
 from common.evaluate import evaluate, predictions
 from common.files import PREDICTIONS_FILE, save_predictions
@@ -184,6 +185,12 @@ class Trainer:
                     "engine, which its partitioned weights do not allow: set it to 0 under "
                     "DeepSpeed"
                 )
+            if loop.ema_decay is not None:
+                raise ConfigError(
+                    f"`{loop_key}.ema_decay` averages the bare model's weights beside "
+                    "DeepSpeed's engine, whose partitioned weights do not allow it: leave it "
+                    "unset under DeepSpeed"
+                )
             if not loop.test_every_epoch:
                 raise ConfigError(
                     f"`{loop_key}.test_every_epoch: false` tests the selected epoch by loading "
@@ -198,8 +205,14 @@ class Trainer:
         if loop.sync_bn:
             model = synchronise_batchnorm(model, self.acc)
         optimizer = build_optimizer(model, loop.optim)
+        self._resumed_average = None  # the checkpoint's weight average, set by _resume
         resumed = self._resume(model, optimizer)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.average = (
+            None if loop.ema_decay is None else WeightAverage(self.unwrapped, loop.ema_decay)
+        )
+        if self.average is not None and self._resumed_average is not None:
+            self.average.load_state_dict(self._resumed_average)
         if resumed is not None and self.deepspeed:
             # ZeRO optimizer shards (and the same weights) from DeepSpeed's engine checkpoint
             self.model.load_checkpoint(
@@ -223,6 +236,12 @@ class Trainer:
         # the module itself, not its torch.compile wrapper (`run.compile`): checkpoints and
         # saved models hold plain parameter names
         return self.acc.unwrap_model(self.model, keep_torch_compile=False)
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """What the stage evaluates, selects and saves: the weight average where the loop
+        keeps one (`loop.ema_decay`), else the weights being trained."""
+        return self.unwrapped if self.average is None else self.average.module
 
     @property
     def selection(self) -> str:
@@ -250,7 +269,7 @@ class Trainer:
     def evaluate(self, split: str = "test") -> dict[str, float]:
         """Accuracy and loss of the current weights on `split` (val or test)."""
         return evaluate(
-            self.unwrapped,
+            self.evaluated,
             getattr(self.splits, split),
             self.acc,
             batch_size=max(1, self.loop.batch_size // self.acc.num_processes),
@@ -337,6 +356,8 @@ class Trainer:
                 )
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if self.average is not None:
+            self.average.update(self.unwrapped)
         self.state.step += 1
         logs["lr"] = lr
         sums = self._epoch_sums
@@ -366,7 +387,7 @@ class Trainer:
         if last or (epoch + 1) % self.loop.eval_every == 0:
             if self.loop.recalibrate_bn:
                 recalibrate_bn(
-                    self.unwrapped,
+                    self.evaluated,
                     self.splits.train,
                     self.loop.recalibrate_bn,
                     max(1, self.loop.batch_size // self.acc.num_processes),
@@ -381,7 +402,7 @@ class Trainer:
             if self.selection == "val" and self._improves(record):
                 self.state.selected_epoch = epoch + 1
                 if self.acc.is_main_process:
-                    save_model(self.stage_dir / BEST_DIR, self.unwrapped, self.spec)
+                    save_model(self.stage_dir / BEST_DIR, self.evaluated, self.spec)
         record["elapsed_s"] = time.time() - start
         self.state.history.append(record)
         self.state.epoch = epoch + 1
@@ -403,11 +424,11 @@ class Trainer:
         if self._collapse_images is None:  # the same 32 test images every epoch, read once
             test = self.splits.test
             images = torch.stack([test[(i, -1)]["image"] for i in range(min(len(test), 32))])
-            p = next(self.unwrapped.parameters())
+            p = next(self.evaluated.parameters())
             images = images.to(p.device, p.dtype).contiguous(memory_format=self.memory_format)
             self._collapse_images = images
         with self._autocast():
-            message = eval_collapse(self.unwrapped, self._collapse_images)
+            message = eval_collapse(self.evaluated, self._collapse_images)
         if message:
             self._collapse_warned = True
             self.log.info(f"warning: {message}")
@@ -439,7 +460,12 @@ class Trainer:
             )
         else:
             self.ckpt.save(
-                self.state.step, self.unwrapped, self.spec, self.optimizer, self.state.__dict__
+                self.state.step,
+                self.unwrapped,
+                self.spec,
+                self.optimizer,
+                self.state.__dict__,
+                average=None if self.average is None else self.average.state_dict(),
             )
         self.acc.wait_for_everyone()
 
@@ -455,6 +481,7 @@ class Trainer:
         metrics = {
             "selected": selected,
             "selection_split": self.selection,
+            "ema_decay": self.loop.ema_decay,  # what was evaluated: the average, or (None) not
             "last": evaluated[-1] if evaluated else None,
             "splits": self.splits.sizes(),
             "eval_collapsed_epochs": [h["epoch"] for h in history if h.get("eval_collapsed")],
@@ -474,7 +501,7 @@ class Trainer:
                 shutil.copytree(best, tmp, dirs_exist_ok=True)
                 commit_dir(tmp, final)
             else:
-                save_model(final, self.unwrapped, self.spec)
+                save_model(final, self.evaluated, self.spec)
             shutil.rmtree(best, ignore_errors=True)
             write_json(self.stage_dir / "metrics.json", metrics)
         self.acc.wait_for_everyone()
@@ -503,7 +530,7 @@ class Trainer:
         (`loop.test_every_epoch: false` evaluated only validation then). The bare model ends
         the run holding those weights, as `model/` does."""
         self.acc.wait_for_everyone()  # rank 0 wrote them
-        self.unwrapped.load_state_dict(load_file(str(self.stage_dir / BEST_DIR / MODEL_FILE)))
+        self.evaluated.load_state_dict(load_file(str(self.stage_dir / BEST_DIR / MODEL_FILE)))
         record.update({f"test_{k}": v for k, v in self.evaluate("test").items()})
 
     # -- checks -------------------------------------------------------------------------------
@@ -568,6 +595,7 @@ class Trainer:
         if not self.deepspeed:  # DeepSpeed: its engine loads the shards after prepare
             optimizer.load_state_dict(blob["optimizer"])
         torch.set_rng_state(blob["torch_rng"])
+        self._resumed_average = blob["average"]
         self.state = state
         if changed:
             self.state.forced_resume = sorted(set(self.state.forced_resume) | set(changed))

@@ -238,6 +238,7 @@ def _slim(cfg, m: dict) -> dict:
             "params": before.get("params"),
             "macs": before.get("macs"),
             "acc": before.get("test_acc"),
+            "acc_bn_recalibrated": before.get("test_acc_bn_recalibrated"),
             "latency_ms": before.get("latency_ms"),
         },
         "pruned": {
@@ -259,6 +260,33 @@ def _slim(cfg, m: dict) -> dict:
         "channels": prune.get("channels"),
         "per_layer": prune.get("per_layer"),
     }
+
+
+def _rule(metrics: dict) -> str:
+    epoch = (
+        "the last epoch"
+        if metrics["selection_split"] == "none"
+        else "the epoch with the best validation accuracy"
+    )
+    decay = metrics.get("ema_decay")
+    weights = (
+        f"an exponential moving average of the weights (decay {decay})"
+        if decay
+        else "the trained weights"
+    )
+    return f"{epoch}, {weights}"
+
+
+def selection_rule(m: dict[Node, dict | None]) -> str | None:
+    """Which weights every trained stage reports, as each stage's metrics say: one rule for
+    all, or each rule with the stages that used it."""
+    rules: dict[str, list[str]] = {}
+    for n, v in m.items():
+        if v and "selection_split" in v:
+            rules.setdefault(_rule(v), []).append(n.name)
+    if len(rules) <= 1:
+        return next(iter(rules), None)
+    return "; ".join(f"{rule} ({', '.join(names)})" for rule, names in rules.items())
 
 
 def data_description(cfg) -> dict:
@@ -298,7 +326,7 @@ def collect(cfg, m: dict[Node, dict | None]) -> dict:
         "data": data_description(cfg),
         "student_architecture": {"name": student.name, "kwargs": student.kwargs},
         "splits": splits,
-        "selection": "best epoch on the validation split; test accuracy of that epoch",
+        "selection": selection_rule(m),
         "teachers": teachers,
         "ensemble": _ensemble(teachers, [v for _, v in _of(m, "distill")], manifest),
         "cache": {
@@ -438,13 +466,14 @@ def verdict(r: dict) -> list[str]:
         ref = s["unpruned_acc"]
         if p["acc"] is not None and ref is not None:
             parts.append(
-                f"accuracy {_pts(p['acc'] - ref)} points after fine-tune "
-                f"({_pts(p['acc_before_finetune'] - ref)} before) against the unpruned "
+                f"accuracy {_pts(p['acc'] - ref)} points after fine-tune against the unpruned "
                 f"student {s['model']} ({100 * ref:.1f}%)"
                 + interval_words(
                     by_name.get("pruned + fine-tuned vs unpruned"), "the pruned student"
                 )
             )
+        if p["acc_before_finetune"] is not None and s["baseline"]["acc"] is not None:
+            parts.append(before_finetune(p, s["baseline"]))
         lines.append("slimming: " + ", ".join(parts))
     c = r["cache"]
     if c["verify_rows_checked"]:
@@ -454,6 +483,23 @@ def verdict(r: dict) -> list[str]:
             f"top-1 agreement {100 * c['teacher_top1_agreement']:.1f}%"
         )
     return lines
+
+
+def before_finetune(pruned: dict, unpruned: dict) -> str:
+    """The pruned network before fine-tuning against the one it was cut from, both with the
+    same BatchNorm treatment (prune re-estimates the pruned net's statistics; where it did,
+    the unpruned net's are re-estimated on the same batches too)."""
+    same = unpruned.get("acc_bn_recalibrated")
+    ref, how = (
+        (same, "both with BN statistics re-estimated on the same training batches")
+        if same is not None and pruned.get("acc_before_finetune_stale_bn") is not None
+        else (unpruned["acc"], "both with their own BN statistics")
+    )
+    return (
+        f"before fine-tuning {100 * pruned['acc_before_finetune']:.1f}% against "
+        f"{100 * ref:.1f}% for the sparsity-trained network it was cut from "
+        f"({_pts(pruned['acc_before_finetune'] - ref)} points; {how})"
+    )
 
 
 def histories(cfg, m: dict[Node, dict | None]) -> dict[str, list[dict]]:

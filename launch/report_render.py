@@ -31,12 +31,14 @@ def _lat(d: dict | None) -> str:
 
 
 def _seeds(s: dict) -> str:
-    """mean ± std (n seeds), or the one value."""
+    """The mean and the range over seeds, or the one value. No "± std": whether two rows
+    differ is the paired interval's to say (the verdict), not two spreads side by side."""
     if s["mean"] is None:
         return "-"
     if s["std"] is None:
         return f"{s['mean']:.4f} (1 seed)"
-    return f"{s['mean']:.4f} ± {s['std']:.4f} ({s['n']} seeds)"
+    accs = [row["acc"] for row in s["seeds"] if row["acc"] is not None]
+    return f"{s['mean']:.4f} ({s['n']} seeds: {min(accs):.4f}-{max(accs):.4f})"
 
 
 def result_rows(r: dict) -> list[tuple[str, str, str, str, str]]:
@@ -55,6 +57,9 @@ def result_rows(r: dict) -> list[tuple[str, str, str, str, str]]:
             _lat(s["baseline"]["latency_ms"]),
         ),
     ]
+    same = s["baseline"].get("acc_bn_recalibrated")
+    if same is not None:  # like for like with the pruned net's row below
+        rows.append(("slim baseline, BN recalibrated", _acc(same), "-", "-", "-"))
     stale = s["pruned"].get("acc_before_finetune_stale_bn")
     if stale is not None:  # EagleEye: the pruned net with the unpruned net's BN statistics
         rows.append(("pruned, unpruned BN statistics", _acc(stale), "-", "-", "-"))
@@ -166,9 +171,8 @@ def markdown(r: dict, figures: dict[str, Path], md_path: Path) -> str:
         + "; teachers: see their table.",
         "",
         f"Splits: {sp.get('train', '-')} training, {sp.get('val', '-')} validation (held out "
-        f"from the training data), {sp.get('test', '-')} test samples. Every stage chose its "
-        "epoch on the validation split; each accuracy below is the test accuracy of that "
-        "epoch.",
+        f"from the training data), {sp.get('test', '-')} test samples. Each accuracy below "
+        f"is the test accuracy of the weights each stage kept: {r['selection'] or '-'}.",
         "",
         "## Results",
         "",

@@ -111,7 +111,9 @@ class PruneConfig:
     """Batches of training images (of `recalibrate_batch_size`) over which the pruned
     network's BN statistics are re-estimated before it is measured and saved (EagleEye's
     adaptive BN: removing channels changes every later layer's input statistics, so the
-    unpruned network's are stale). metrics.json gives the accuracy before and after. 0: off."""
+    unpruned network's are stale). metrics.json gives the accuracy before and after, and the
+    unpruned network's after the same re-estimation (`before.test_acc_bn_recalibrated`), so
+    that the drop the report states compares like with like. 0: off."""
     recalibrate_batch_size: POSITIVE_INT = 128
     """Batch size of the recalibration passes."""
     latency_batches: Annotated[tuple[int, ...], Range(ge=1)] = (1, 64)

@@ -431,3 +431,7 @@ def test_sparsity_trains_under_zero2_with_the_penalty_in_the_loss(tmp_path, teac
     no_test = "sparsity.loop.test_every_epoch=false"
     with pytest.raises(AssertionError, match="test_every_epoch: false.* set it to true"):
         _launch("deepspeed_zero2.yaml", tmp_path / "refused_test", in_loss, no_test, args=args)
+    # so does a weight average beside the engine
+    ema = "sparsity.loop.ema_decay=0.9"
+    with pytest.raises(AssertionError, match="ema_decay` averages.* leave it unset"):
+        _launch("deepspeed_zero2.yaml", tmp_path / "refused_ema", in_loss, ema, args=args)

@@ -121,6 +121,11 @@ def test_report_tables_render_and_numbers_are_rounded(run_dir):
     for table in tables:
         assert len({cells(line) for line in table}) == 1, table
     assert not re.search(r"\d\.\d{7,}", md), re.findall(r"\S*\d\.\d{7,}\S*", md)
+    # students: the mean and the range over seeds, never "± std" (the verdict compares them)
+    r = json.loads((out / "report" / "report.json").read_text())
+    kd = [x["acc"] for x in r["student_kd"]["seeds"]]
+    shown = f"{r['student_kd']['mean']:.4f} (2 seeds: {min(kd):.4f}-{max(kd):.4f})"
+    assert shown in md and shown in stdout and "±" not in md
     assert re.search(r"\| size on disk \| \d[\d.]* (B|kB|MB|GB) \|", md), md
     rounds = [line for line in stdout.splitlines() if line.startswith("prune round")]
     assert rounds and not any("{" in line for line in rounds), rounds
@@ -195,8 +200,25 @@ def test_report_has_every_field(run_dir):
     assert verdict[2].startswith("slimming: params -")
     over = s["latency_ratio"]["1"] / s["macs_ratio"]  # how far latency fell against MACs
     assert f"latency kept / MACs kept {over:.2f}" in verdict[2]
+    # before fine-tuning, like for like: both nets' BN statistics re-estimated alike
+    same = s["baseline"]["acc_bn_recalibrated"]
+    assert isinstance(same, float) and 0 <= same <= 1
+    drop = s["pruned"]["acc_before_finetune"] - same
+    assert (
+        f"({100 * drop:+.1f} points; both with BN statistics re-estimated on the same"
+        in (verdict[2])
+    )
     md = (out / "report" / "report.md").read_text()
     assert "## Verdict" in md and "173 training, 19 validation" in md
+    # the rule every stage's reported weights follow, read from each stage's metrics (the
+    # sparsity stage keeps its last epoch whatever the loop says: L1 is still shrinking)
+    best = "the epoch with the best validation accuracy, the trained weights"
+    assert r["selection"] == (
+        f"{best} (train:cifar_resnet20-s0, train:cifar_resnet20-s1, distill-ce:seed0, "
+        "distill-ce:seed1, distill:seed0, distill:seed1, finetune); the last epoch, the "
+        "trained weights (sparsity)"
+    )
+    assert f"weights each stage kept: {r['selection']}." in md
     assert r["data"] == {
         "name": "digits",
         "root": None,

@@ -107,3 +107,26 @@ def test_a_run_that_learnt_nothing_is_reported_at_chance_first():
     assert "pruned + fine-tuned student (26.4%)" in chance  # 26.4% of 100: within reach
     assert "KD student" not in chance and "teacher t0" not in chance  # 31% and 90%: not
     assert collapsed.startswith("EVALUATION COLLAPSED") and "train:t0 (epoch 3)" in collapsed
+
+
+def test_the_report_states_which_weights_each_stage_reported():
+    """One rule for every stage is said once; stages that differ are each named with theirs.
+    Nodes without a training loop (prune, export) state none."""
+    from launch.graph import Node
+    from launch.report_data import selection_rule
+
+    last_average = {"selection_split": "none", "ema_decay": 0.99}
+    m = {
+        Node("train", "t0"): last_average,
+        Node("distill", "seed0"): last_average,
+        Node("prune"): {"macs_ratio": 0.5},
+        Node("export"): None,
+    }
+    same = "the last epoch, an exponential moving average of the weights (decay 0.99)"
+    assert selection_rule(m) == same
+    m[Node("finetune")] = {"selection_split": "val", "ema_decay": None}
+    assert selection_rule(m) == (
+        f"{same} (train:t0, distill:seed0); the epoch with the best validation accuracy, the "
+        "trained weights (finetune)"
+    )
+    assert selection_rule({Node("prune"): {}}) is None

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from common.checkpoint import load_model
 from tests.conftest import PY, ROOT, cli_env, run_cli
@@ -81,6 +82,8 @@ def test_two_process_ddp_equals_one_process(tmp_path, accum):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_weights(tmp_path):
+    """With a weight average (`loop.ema_decay`): what is saved is the average, which depends
+    on every step since the first, so it is identical only if the checkpoint restored it."""
     args = [
         "train",
         "--config",
@@ -89,6 +92,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
         "train.loop.epochs=2",
         "train.loop.checkpoint_every_steps=3",
         "train.loop.keep_checkpoints=1",
+        "train.loop.ema_decay=0.9",
     ]
     run_cli(*args, f"run.out_dir={tmp_path / 'straight'}")
 
@@ -115,7 +119,13 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     assert_same_weights(weights(tmp_path / "straight" / T), weights(out / T), atol=0)
     m = json.loads((out / T / "metrics.json").read_text())
     assert [h["epoch"] for h in m["history"]] == [1, 2]
-    assert ckpt.name.startswith("ckpt-")
+    assert ckpt.name.startswith("ckpt-") and m["ema_decay"] == 0.9
+    # the trained weights resumed identically too, and the saved model is not them
+    [last] = list(ckpts.glob("ckpt-*"))
+    [straight] = list((tmp_path / "straight" / T / "checkpoints").glob("ckpt-*"))
+    trained = load_file(str(last / "model.safetensors"))
+    assert_same_weights(load_file(str(straight / "model.safetensors")), trained, atol=0)
+    assert max_weight_diff(trained, weights(out / T)) > 1e-3
 
 
 @pytest.mark.slow
@@ -273,3 +283,42 @@ def test_compiled_training_equals_eager(tmp_path):
     eager, compiled = weights(tmp_path / "eager" / T), weights(tmp_path / "compiled" / T)
     assert eager.keys() == compiled.keys()  # no `_orig_mod.` prefixes
     assert_same_weights(eager, compiled, 1e-9)
+
+
+def test_weight_average_is_the_exponential_average_of_every_step():
+    """`common.ema` against the formula, in float64: the first update copies, the one after n
+    others is d * average + (1 - d) * weights with d = min(decay, 1 - (1 + n)^(-3/4)) (the
+    warm-up, then the decay: both reached here), BN statistics included; the batch counter is
+    copied; the state round-trips through its flat dict."""
+    from common.ema import WeightAverage
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).double()
+    average = WeightAverage(model, decay=0.6)
+    expected, used = None, []
+    for n in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.train()(torch.randn(8, 3, dtype=torch.float64))  # moves the BN statistics
+        now = {k: v.clone() for k, v in model.state_dict().items()}
+        d = min(0.6, 1 - (1 + n) ** -0.75)
+        if n:
+            used.append(d)
+        expected = (
+            now
+            if expected is None
+            else {
+                k: d * expected[k] + (1 - d) * v if v.is_floating_point() else v
+                for k, v in now.items()
+            }
+        )
+        average.update(model)
+    assert used == [1 - 2**-0.75, 1 - 3**-0.75, 0.6]  # warm-up, then the decay
+    got = average.module.state_dict()
+    assert got["1.num_batches_tracked"] == 4 and average.updates == 4
+    assert max_weight_diff(expected, got) <= 1e-15
+    assert max_weight_diff(now, got) > 0.1  # the average is not the last weights
+    again = WeightAverage(model, decay=0.6)
+    again.load_state_dict(average.state_dict())
+    assert again.updates == 4 and max_weight_diff(got, again.module.state_dict()) == 0

@@ -59,7 +59,8 @@ def run(cfg, inputs, ctx) -> dict:
     agreement = chosen.get("test_teacher_agreement")
     ctx.logger.info(
         f"{ctx.name}: student test acc {chosen.get('test_acc', float('nan')):.4f} (epoch "
-        f"{chosen.get('epoch')}, chosen on {metrics['selection_split']})"
+        f"{chosen.get('epoch')}, "
+        + ("chosen on val)" if metrics["selection_split"] == "val" else "the last)")
         + (f", agreement with teachers {agreement:.4f}" if agreement is not None else "")
     )
     return metrics

@@ -10,6 +10,7 @@ before and after with the trainer's own evaluation (`common.evaluate`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -66,6 +67,10 @@ def run(cfg, inputs, ctx) -> dict:
 
     before = _size_and_speed(original, shape, pc, ctx.is_main)
     before.update(test_acc=accuracy(original, "test"))
+    if pc.recalibrate_bn:  # like for like: the pruned net is measured after re-estimation
+        same = copy.deepcopy(original)
+        recalibrate_bn(same, splits.train, pc.recalibrate_bn, pc.recalibrate_batch_size)
+        before.update(test_acc_bn_recalibrated=accuracy(same, "test"))
     per_round = round_ratio(pc.ratio, pc.iterative.rounds)
     current, rounds = original, []
     for k in range(pc.iterative.rounds):

@@ -79,7 +79,7 @@ def run(cfg, inputs, ctx) -> dict:
     if task.step == 0:
         histogram(0, trainer.unwrapped)
     metrics = trainer.fit()
-    gammas = all_gammas(trainer.unwrapped)
+    gammas = all_gammas(trainer.evaluated)  # the weights it reports (their average, if kept)
     metrics.update(
         s=task.s, shrink=shrink, separation={"before": start, "after": separation(gammas)}
     )
