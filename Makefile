@@ -28,8 +28,9 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
+# ARGS: overrides, e.g. make quickstart ARGS="run.seed=1 run.out_dir=runs/quickstart-s1"
 quickstart: $(STAMP)
-	$(PY) -m launch pipeline --config configs/quickstart.yaml
+	$(PY) -m launch pipeline --config configs/quickstart.yaml $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
