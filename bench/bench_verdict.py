@@ -28,14 +28,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-RAW = [f"{stage}.loop.ema_decay=null" for stage in ("train", "distill")]
-"""The trained weights, not their average (the quickstart averages them)."""
+OLD_TEACHERS = ["train.loop.ema_decay=null", "train.loop.selection_split=val"]
+"""The teachers as the quickstart trained them before it averaged weights."""
+RAW = [*OLD_TEACHERS, "distill.loop.ema_decay=null"]
+"""The old quickstart: trained weights, not their average."""
 VARIANTS: dict[str, list[str]] = {
     "val 10%": RAW,
     "val 20%": [*RAW, "data.val_fraction=0.2"],
     "val 30%": [*RAW, "data.val_fraction=0.3"],
     "val 0% (all 1,438 images train; last epoch)": [*RAW, "data.val_fraction=0"],
-    "EMA 0.95 (students)": ["train.loop.ema_decay=null", "distill.loop.ema_decay=0.95"],
+    "EMA 0.95 (students)": [*OLD_TEACHERS, "distill.loop.ema_decay=0.95"],
     "EMA 0.99 (quickstart)": [],
 }
 
