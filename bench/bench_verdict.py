@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
+import statistics
 import time
 from pathlib import Path
 
@@ -64,12 +64,10 @@ def summary(diffs: list[float]) -> dict:
     for n in range(3, len(diffs) + 1):
         low, high = paired_t_interval(diffs[:n])["ci95"]
         half[n] = round(100 * (high - low) / 2, 2)
-    mean = sum(diffs) / len(diffs)
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
     return {
         "diffs_points": [round(100 * d, 2) for d in diffs],
-        "mean_points": round(100 * mean, 2),
-        "sd_points": round(100 * sd, 2),
+        "mean_points": round(100 * statistics.fmean(diffs), 2),
+        "sd_points": round(100 * statistics.stdev(diffs), 2),
         "half_width_points": half,
     }
 

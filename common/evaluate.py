@@ -62,9 +62,14 @@ def evaluate(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     memory_format: torch.memory_format = torch.contiguous_format,
     extra: ExtraTerms | None = None,
-) -> dict[str, float]:
-    """{"acc", "loss", <extra terms>, "num_samples"} over the whole `dataset`."""
+    per_image: bool = False,
+) -> dict:
+    """{"acc", "loss", <extra terms>, "num_samples"} over the whole `dataset`; with
+    `per_image`, also "per_image": every image's {"sample_id", "label", "pred"} (int64, in
+    sample order, gathered from every process), what paired comparisons over test images
+    need (`common.stats`), taken from the same forward passes as the accuracy."""
     sums: dict[str, torch.Tensor] = {}
+    rows: list[torch.Tensor] = []
     shares = _logits(model, dataset, accelerator, batch_size, num_workers, autocast, memory_format)
     for batch, logits in shares:
         terms = {
@@ -75,6 +80,8 @@ def evaluate(
         }
         for k, v in terms.items():  # float64 sums: counts stay exact at any size
             sums[k] = sums.get(k, 0) + v.detach().double()
+        if per_image:
+            rows.append(torch.stack([batch["sample_id"], batch["label"], logits.argmax(1)], 1))
     keys = sorted(sums) if sums else ["correct", "count", "loss"]
     vec = torch.stack(
         [torch.as_tensor(sums.get(k, 0.0), device=accelerator.device).double() for k in keys]
@@ -84,29 +91,14 @@ def evaluate(
     out = {"acc": total.pop("correct") / count, "loss": total.pop("loss") / count}
     out.update({k: v / count for k, v in total.items()})
     out["num_samples"] = int(count)
+    if per_image:
+        out["per_image"] = _gathered(rows, accelerator)
     return out
 
 
-@torch.no_grad()
-def predictions(
-    model: nn.Module,
-    dataset: ViewDataset,
-    accelerator: Accelerator,
-    *,
-    batch_size: int,
-    num_workers: int = 0,
-    autocast: Callable[[], AbstractContextManager] = nullcontext,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> dict[str, np.ndarray]:
-    """Per image of `dataset`, in sample order and gathered from every process:
-    {"sample_id", "label", "pred"} (int64). What paired comparisons over test images need
-    (`common.stats`), saved with every trained model so a report never re-evaluates."""
-    rows = [
-        torch.stack([batch["sample_id"], batch["label"], logits.argmax(1)], 1)
-        for batch, logits in _logits(
-            model, dataset, accelerator, batch_size, num_workers, autocast, memory_format
-        )
-    ]
+def _gathered(rows: list[torch.Tensor], accelerator: Accelerator) -> dict[str, np.ndarray]:
+    """This process's (sample_id, label, pred) rows and every other process's, in sample
+    order."""
     mine = torch.cat(rows) if rows else torch.empty(0, 3, dtype=torch.long)
     mine = mine.to(accelerator.device, torch.long)
     if accelerator.num_processes > 1:  # shares differ by at most one image: pad with -1

@@ -42,7 +42,7 @@ from common.data.loader import ViewChooser
 from common.distributed import configure_deepspeed, synchronise_batchnorm, zero3_for_teacher
 from common.ema import WeightAverage
 from common.errors import StageError, TrainingError
-from common.evaluate import evaluate, predictions
+from common.evaluate import evaluate
 from common.files import PREDICTIONS_FILE, save_predictions
 from common.logging import write_json
 from common.optim import build_optimizer, lr_at, set_lr
@@ -205,14 +205,13 @@ class Trainer:
         if loop.sync_bn:
             model = synchronise_batchnorm(model, self.acc)
         optimizer = build_optimizer(model, loop.optim)
-        self._resumed_average = None  # the checkpoint's weight average, set by _resume
-        resumed = self._resume(model, optimizer)
+        resumed, average = self._resume(model, optimizer)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.average = (
             None if loop.ema_decay is None else WeightAverage(self.unwrapped, loop.ema_decay)
         )
-        if self.average is not None and self._resumed_average is not None:
-            self.average.load_state_dict(self._resumed_average)
+        if self.average is not None and average is not None:
+            self.average.load_state_dict(average)
         if resumed is not None and self.deepspeed:
             # ZeRO optimizer shards (and the same weights) from DeepSpeed's engine checkpoint
             self.model.load_checkpoint(
@@ -221,6 +220,7 @@ class Trainer:
         self._stop_requested = 0
         """The signal that asked this process to stop at the next step boundary (0: none)."""
         self._collapse_warned = False
+        self._test_tables: dict[int, dict] = {}  # epoch -> its per-image test predictions
         self._collapse_images: torch.Tensor | None = None
         # this epoch's running sums of the logged terms, on the device (float64, so that they
         # equal the Python-float sums a checkpoint stores)
@@ -266,10 +266,11 @@ class Trainer:
             with contextlib.suppress(ValueError):
                 signal.signal(signal.SIGINT, ctrl_c)
 
-    def evaluate(self, split: str = "test") -> dict[str, float]:
-        """Accuracy and loss of the current weights on `split` (val or test)."""
+    def evaluate(self, split: str = "test", model: nn.Module | None = None) -> dict:
+        """Accuracy and loss of the current weights (or `model`) on `split` (val or test); on
+        test also every image's prediction (`per_image`)."""
         return evaluate(
-            self.evaluated,
+            self.evaluated if model is None else model,
             getattr(self.splits, split),
             self.acc,
             batch_size=max(1, self.loop.batch_size // self.acc.num_processes),
@@ -277,7 +278,17 @@ class Trainer:
             autocast=self._autocast,
             memory_format=self.memory_format,
             extra=self.task.eval_terms if split == "test" else None,  # per-test-sample terms
+            per_image=split == "test",
         )
+
+    def _test(self, epoch: int) -> dict[str, float]:
+        """The evaluated weights' test numbers; their per-image predictions are kept for this
+        epoch and the selected one, so the chosen epoch's are saved without a second pass."""
+        result = self.evaluate("test")
+        self._test_tables[epoch] = result.pop("per_image")
+        keep = {epoch, self.state.selected_epoch}
+        self._test_tables = {e: t for e, t in self._test_tables.items() if e in keep}
+        return result
 
     # -- phases -------------------------------------------------------------------------------
 
@@ -395,7 +406,7 @@ class Trainer:
             if self.splits.val is not None:
                 record.update({f"val_{k}": v for k, v in self.evaluate("val").items()})
             if last or self.loop.test_every_epoch or self.selection != "val":
-                record.update({f"test_{k}": v for k, v in self.evaluate("test").items()})
+                record.update({f"test_{k}": v for k, v in self._test(epoch + 1).items()})
             collapsed = self._warn_if_eval_collapsed()
             if collapsed:  # into metrics.json and the report, not only the log
                 record["eval_collapsed"] = collapsed
@@ -505,24 +516,20 @@ class Trainer:
             shutil.rmtree(best, ignore_errors=True)
             write_json(self.stage_dir / "metrics.json", metrics)
         self.acc.wait_for_everyone()
-        self._save_test_predictions(self.stage_dir / "model")
+        self._save_test_predictions(selected["epoch"] if selected else None)
         return metrics
 
-    def _save_test_predictions(self, model_dir: Path) -> None:
-        """Per-image test predictions of the saved model (the selected epoch's weights):
-        what a paired comparison over test images reads, so a report never re-evaluates."""
-        model, _ = load_model(model_dir)
-        found = predictions(
-            model.to(self.acc.device),
-            self.splits.test,
-            self.acc,
-            batch_size=max(1, self.loop.batch_size // self.acc.num_processes),
-            num_workers=self.splits.num_workers,
-            autocast=self._autocast,
-            memory_format=self.memory_format,
-        )
+    def _save_test_predictions(self, epoch: int | None) -> None:
+        """Per-image test predictions of the saved model (the chosen epoch's weights): what a
+        paired comparison over test images reads, so a report never re-evaluates. Taken from
+        that epoch's test pass; only when it ran before a resume is the saved model tested
+        once more (every rank holds the same tables, so all take the same branch)."""
+        table = self._test_tables.get(epoch)
+        if table is None:
+            model, _ = load_model(self.stage_dir / "model")
+            table = self.evaluate("test", model.to(self.acc.device))["per_image"]
         if self.acc.is_main_process:
-            save_predictions(self.stage_dir / PREDICTIONS_FILE, found)
+            save_predictions(self.stage_dir / PREDICTIONS_FILE, table)
         self.acc.wait_for_everyone()
 
     def _test_selected(self, record: dict) -> None:
@@ -531,7 +538,7 @@ class Trainer:
         the run holding those weights, as `model/` does."""
         self.acc.wait_for_everyone()  # rank 0 wrote them
         self.evaluated.load_state_dict(load_file(str(self.stage_dir / BEST_DIR / MODEL_FILE)))
-        record.update({f"test_{k}": v for k, v in self.evaluate("test").items()})
+        record.update({f"test_{k}": v for k, v in self._test(record["epoch"]).items()})
 
     # -- checks -------------------------------------------------------------------------------
 
@@ -573,9 +580,11 @@ class Trainer:
         return found[0]
 
     def _resume(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        """Load the newest complete checkpoint into `model`, `optimizer` and the counters;
+        returns (its path, its weight average or None), or (None, None) to start afresh."""
         found = self._latest_checkpoint() if self.loop.resume else ""
         if not found:
-            return None
+            return None, None
         path = Path(found)
         blob = CheckpointManager.load(path)
         state = TrainerState(**blob["state"])
@@ -595,13 +604,12 @@ class Trainer:
         if not self.deepspeed:  # DeepSpeed: its engine loads the shards after prepare
             optimizer.load_state_dict(blob["optimizer"])
         torch.set_rng_state(blob["torch_rng"])
-        self._resumed_average = blob["average"]
         self.state = state
         if changed:
             self.state.forced_resume = sorted(set(self.state.forced_resume) | set(changed))
             self.state.identity = self.ctx.identity
         self.log.info(f"resumed from {path} (step {self.state.step}, epoch {self.state.epoch})")
-        return path
+        return path, blob["average"]
 
     def _configure_deepspeed(self) -> None:
         """DeepSpeed needs our batch split in its config (no dataloader goes to `prepare`),

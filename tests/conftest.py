@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from common.files import PREDICTIONS_FILE
 from tests.artifacts import (
     build_reference_cache,
     build_teachers,
@@ -123,7 +124,7 @@ def image_folder(tmp_path: Path) -> Path:
 def interrupt(node_dir: Path, after_step: int) -> None:
     """Make a finished node look killed right after its checkpoint at `after_step`: no
     outputs, no key, no later checkpoints (what a kill leaves, without racing a real one)."""
-    for name in ("model", "best", "metrics.json", "key.json", "config.yaml"):
+    for name in ("model", "best", "metrics.json", "key.json", "config.yaml", PREDICTIONS_FILE):
         path = node_dir / name
         if path.is_dir():
             shutil.rmtree(path)

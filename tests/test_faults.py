@@ -11,12 +11,13 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from common.checkpoint import CheckpointManager
-from common.files import MANIFEST_FILE, MODEL_FILE, verify_manifest
+from common.files import MANIFEST_FILE, MODEL_FILE, PREDICTIONS_FILE, verify_manifest
 from tests.cli import assert_one_line_error
 from tests.conftest import PY, ROOT, cli_command, cli_env, interrupt, run_cli
 from tests.equivalence import assert_same_weights, weights
@@ -119,6 +120,12 @@ def test_resume_skips_truncated_newest_checkpoint_and_matches_straight_run(tmp_p
     assert "resumed from" in proc.stdout and "ckpt-000000002" in proc.stdout, proc.stdout
     assert "ignoring corrupt checkpoint" in proc.stderr, proc.stderr[-2000:]
     assert_same_weights(weights(tmp_path / "straight" / T), weights(out / T), atol=0)
+    # killed after its last checkpoint: the resumed run only finishes, and the chosen epoch's
+    # per-image test predictions (tested before the kill) come from testing the saved model
+    interrupt(out / T, after_step=6)
+    run_cli(*TINY, "train.loop.max_steps=6", f"run.out_dir={out}")
+    want, got = (np.load(d / T / PREDICTIONS_FILE) for d in (tmp_path / "straight", out))
+    assert all(np.array_equal(want[k], got[k]) for k in ("sample_id", "label", "pred"))
 
 
 def _children(pid: int) -> list[int]:
