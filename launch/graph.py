@@ -173,12 +173,38 @@ def _first_seed(cfg) -> str:
     return f"seed{student_seeds(cfg)[0]}"
 
 
-def _student(cfg) -> Input:
-    """The model network slimming starts from: the KD student when `distill` is in the run,
-    else the first teacher member."""
+def seed_of(cfg, instance: str) -> int:
+    """The seed a node trains with (initialisation, batch order, choice of views): its
+    instance's (`seed3`), or `run.seed` for a stage that runs once."""
+    return int(instance.removeprefix("seed")) if instance else cfg.run.seed
+
+
+def slim_instances(cfg) -> list[str]:
+    """The slimming chains (sparsity -> prune -> finetune), by instance: one per KD student
+    with `pipeline.slim_every_seed`, else one (`""`, from the first KD student or
+    `sparsity.init`)."""
+    if not cfg.pipeline.slim_every_seed:
+        return [""]
+    if cfg.sparsity.init or "distill" not in in_run(cfg):
+        raise ConfigError(
+            "`pipeline.slim_every_seed` slims every KD student, but this run "
+            + ("starts slimming from `sparsity.init`" if cfg.sparsity.init else "has no `distill`")
+            + ": set pipeline.slim_every_seed=false, or slim the KD students of this run"
+        )
+    return _seed_instances(cfg)
+
+
+def first_slimmed(cfg, stage: str) -> Node:
+    """The first chain's node of a slimming stage: the one the export and figures take."""
+    return Node(stage, slim_instances(cfg)[0])
+
+
+def _student(cfg, instance: str = "") -> Input:
+    """The model network slimming starts from: the KD student of the chain's seed (the first
+    seed for the one chain) when `distill` is in the run, else the first teacher member."""
     stages = in_run(cfg)
     if "distill" in stages:
-        return Node("distill", _first_seed(cfg))
+        return Node("distill", instance or _first_seed(cfg))
     if "train" in stages:
         return Node("train", members(cfg)[0].name)
     raise ConfigError(
@@ -203,29 +229,31 @@ def _kd_cache(cfg, section) -> dict[str, Input | list[Input]]:
     return {"cache": Node("cache"), "teachers": _teachers(cfg)}
 
 
-def _sparsity_inputs(cfg, _i: str) -> dict[str, Input | list[Input]]:
+def _sparsity_inputs(cfg, i: str) -> dict[str, Input | list[Input]]:
     sc = cfg.sparsity
-    return {"model": Path(sc.init) if sc.init else _student(cfg), **_kd_cache(cfg, sc)}
+    return {"model": Path(sc.init) if sc.init else _student(cfg, i), **_kd_cache(cfg, sc)}
 
 
-def _prune_inputs(cfg, _i: str) -> dict[str, Input | list[Input]]:
+def _prune_inputs(cfg, i: str) -> dict[str, Input | list[Input]]:
     pc = cfg.prune
-    return {"model": Path(pc.init) if pc.init else Node("sparsity")}
+    return {"model": Path(pc.init) if pc.init else Node("sparsity", i)}
 
 
-def _finetune_inputs(cfg, _i: str) -> dict[str, Input | list[Input]]:
+def _finetune_inputs(cfg, i: str) -> dict[str, Input | list[Input]]:
     fc = cfg.finetune
     out: dict[str, Input | list[Input]] = {
-        "model": Path(fc.init) if fc.init else Node("prune"),
+        "model": Path(fc.init) if fc.init else Node("prune", i),
         **_kd_cache(cfg, fc),
     }
     if fc.kd_from == "live":  # the unpruned model by default
-        out["teacher"] = Path(fc.teacher) if fc.teacher else Node("sparsity")
+        out["teacher"] = Path(fc.teacher) if fc.teacher else Node("sparsity", i)
     return out
 
 
 def _final_student(cfg) -> Input:
-    return Node("finetune") if "finetune" in in_run(cfg) else Node("distill", _first_seed(cfg))
+    if "finetune" in in_run(cfg):
+        return first_slimmed(cfg, "finetune")
+    return Node("distill", _first_seed(cfg))
 
 
 def _report_inputs(cfg, _i: str) -> dict[str, Input | list[Input]]:
@@ -287,6 +315,11 @@ def _seed_instances(cfg) -> list[str]:
     return [f"seed{s}" for s in student_seeds(cfg)]
 
 
+def _chain_reads(cfg, instance: str) -> dict:
+    """A chain of `slim_every_seed` trains with its seed; the one chain reads `run.seed`."""
+    return _seed_reads(cfg, instance) if instance else {}
+
+
 # -- the graph --------------------------------------------------------------------------------
 
 _RUN = ("run", "data")
@@ -346,12 +379,15 @@ STAGES: tuple[Stage, ...] = (
         "network slimming: train with L1 on every BatchNorm scale",
         reads=(*_RUN, "sparsity"),
         inputs=_sparsity_inputs,
+        instances=slim_instances,
+        instance_reads=_chain_reads,
     ),
     Stage(
         "prune",
         "network slimming: global |gamma| threshold, remove coupled channels, shrink",
         reads=(*_RUN, "prune"),
         inputs=_prune_inputs,
+        instances=slim_instances,
         resources="single",
     ),
     Stage(
@@ -359,6 +395,8 @@ STAGES: tuple[Stage, ...] = (
         "fine-tune the pruned model (labels, cached or live KD, or scratch-B)",
         reads=(*_RUN, "finetune"),
         inputs=_finetune_inputs,
+        instances=slim_instances,
+        instance_reads=_chain_reads,
     ),
     Stage(
         "export",

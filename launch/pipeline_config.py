@@ -21,6 +21,11 @@ class PipelineConfig:
     """The stages this run consists of (names from `python -m launch --help`, any order; they
     run in graph order); None: all. It also decides what stages read: `sparsity` starts from
     the KD student only when `distill` is among them."""
+    slim_every_seed: bool = False
+    """Slim every KD student: one sparsity -> prune -> finetune chain per `distill.seeds`
+    entry (`sparsity/seed<S>/`, ...), each trained with its seed, so slimming's verdict is a
+    t-interval over seed pairs like KD's. False: one chain (`sparsity/`), from the first KD
+    student, whose verdict covers test-set noise only (a paired bootstrap)."""
     export: bool = True
     """Export the final student (TorchScript, ONNX, safetensors) into `<run.out_dir>/export/`."""
     export_batch: POSITIVE_INT = 4

@@ -156,12 +156,18 @@ def verdicts(cfg, r: dict) -> list[dict]:
                 )
             )
     out.append(comparison("KD vs CE", pairs, n_test, seeds=True))
-    s = r["slim"]
-    source = _slimmed(cfg) if s["sparsity"] else None
-    if isinstance(source, Node) and s["pruned"]["acc"] is not None:
-        pair = (s["unpruned_acc"], s["pruned"]["acc"], _correct(cfg, source))
-        pair += (_correct(cfg, Node("finetune")),)
-        out.append(comparison("pruned + fine-tuned vs unpruned", [pair], n_test, seeds=True))
+    pairs = [
+        (
+            c["unpruned_acc"],
+            c["acc"],
+            _correct(cfg, Node.parse(c["model"])),
+            _correct(cfg, Node("finetune", c["instance"])),
+        )
+        for c in r["slim"]["chains"]
+        if c["from_run"]
+    ]
+    if pairs:
+        out.append(comparison("pruned + fine-tuned vs unpruned", pairs, n_test, seeds=True))
     return [v for v in out if v is not None]
 
 
@@ -209,18 +215,49 @@ def _ensemble(teachers: list[dict], kd_rows: list[dict | None], manifest: dict) 
     }
 
 
-def _slimmed(cfg):
-    """What slimming started from: the node (or model directory) the sparsity stage reads."""
-    return graph.inputs(cfg, Node("sparsity")).get("model")
+def _slimmed(cfg, instance: str):
+    """What a slimming chain started from: the node (or model directory) its sparsity stage
+    reads."""
+    return graph.inputs(cfg, Node("sparsity", instance)).get("model")
+
+
+def chains(cfg, m: dict) -> list[dict]:
+    """Every slimming chain that ran: the unpruned model it started from against its pruned
+    + fine-tuned end, with what was cut (`pipeline.slim_every_seed`: one per KD seed)."""
+    out = []
+    for i in graph.slim_instances(cfg) if "sparsity" in graph.in_run(cfg) else []:
+        if m.get(Node("sparsity", i)) is None:
+            continue
+        source, prune = _slimmed(cfg, i), m.get(Node("prune", i)) or {}
+        out.append(
+            {
+                "instance": i,
+                "model": getattr(source, "name", str(source)),
+                "from_run": isinstance(source, Node),  # (a given model has no predictions)
+                "unpruned_acc": chosen(m.get(source)) if isinstance(source, Node) else None,
+                "acc": chosen(m.get(Node("finetune", i))),
+                "macs_ratio": prune.get("macs_ratio"),
+                "params_ratio": prune.get("params_ratio"),
+            }
+        )
+    return out
 
 
 def _slim(cfg, m: dict) -> dict:
-    sparsity, finetune = m.get(Node("sparsity")), m.get(Node("finetune"))
-    prune = m.get(Node("prune")) or {}
+    """The first slimming chain in full (what the figures and the export show), and the
+    summary of every chain (`chains`)."""
+    first = graph.slim_instances(cfg)[0] if "sparsity" in graph.in_run(cfg) else ""
+    sparsity, finetune = m.get(Node("sparsity", first)), m.get(Node("finetune", first))
+    prune = m.get(Node("prune", first)) or {}
     before, after = prune.get("before") or {}, prune.get("after") or {}
-    source = _slimmed(cfg) if sparsity else None
+    source = _slimmed(cfg, first) if sparsity else None
     unpruned = m.get(source) if isinstance(source, Node) else None
+    every = chains(cfg, m)
     return {
+        "chains": every,
+        "finetuned": seeds_summary(
+            [{"seed": graph.seed_of(cfg, c["instance"]), "acc": c["acc"]} for c in every]
+        ),
         "model": None if source is None else getattr(source, "name", str(source)),
         "unpruned_acc": chosen(unpruned),
         "sparsity": None
@@ -393,7 +430,10 @@ def warnings_first(m: dict[Node, dict | None], r: dict) -> list[str]:
         models.append(("the teacher ensemble", r["ensemble"]["acc"]))
         for label, key in (("CE student", "student_ce"), ("KD student", "student_kd")):
             models += [(f"{label} seed {x['seed']}", x["acc"]) for x in r[key]["seeds"]]
-        models.append(("the pruned + fine-tuned student", r["slim"]["pruned"]["acc"]))
+        models += [
+            (f"the pruned + fine-tuned student {c['instance']}".rstrip(), c["acc"])
+            for c in r["slim"]["chains"]
+        ]
         at_chance = [
             f"{label} ({100 * acc:.1f}%)"
             for label, acc in models
@@ -457,17 +497,28 @@ def verdict(r: dict) -> list[str]:
     if s["params_ratio"] is not None:
         lat = s["latency_ratio"] or {}
         batch = max(lat, key=int) if lat else None
-        parts = [f"params {_pct(s['params_ratio'])}", f"MACs {_pct(s['macs_ratio'])}"]
+        macs = f"MACs {_pct(s['macs_ratio'])}"
+        done = [c for c in s["chains"] if None not in (c["acc"], c["unpruned_acc"])]
+        if len(done) > 1:  # the figures are the first chain's; the cuts of all
+            kept = [c["macs_ratio"] for c in done if c["macs_ratio"] is not None]
+            macs += f" ({_pct(max(kept))} to {_pct(min(kept))} over {len(done)} chains)"
+        parts = [f"params {_pct(s['params_ratio'])}", macs]
         if batch is not None:
             parts.append(
                 f"CPU latency {_pct(lat[batch])} (batch {batch}; latency kept / MACs kept "
                 f"{lat[batch] / s['macs_ratio']:.2f}, 1.00 if latency fell as far as MACs)"
             )
-        ref = s["unpruned_acc"]
-        if p["acc"] is not None and ref is not None:
+        if done:
+            ref = statistics.fmean(c["unpruned_acc"] for c in done)
+            against = (
+                f"the unpruned student {s['model']} ({100 * ref:.1f}%)"
+                if len(done) == 1
+                else f"the unpruned KD students, each slimmed ({len(done)} seeds, mean "
+                f"{100 * ref:.1f}%)"
+            )
+            gain = statistics.fmean(c["acc"] for c in done) - ref
             parts.append(
-                f"accuracy {_pts(p['acc'] - ref)} points after fine-tune against the unpruned "
-                f"student {s['model']} ({100 * ref:.1f}%)"
+                f"accuracy {_pts(gain)} points after fine-tune against {against}"
                 + interval_words(
                     by_name.get("pruned + fine-tuned vs unpruned"), "the pruned student"
                 )
@@ -503,8 +554,10 @@ def before_finetune(pruned: dict, unpruned: dict) -> str:
 
 
 def histories(cfg, m: dict[Node, dict | None]) -> dict[str, list[dict]]:
-    """The evaluated epochs of every trained student, for the accuracy-curve figure: the
-    validation curve (what selects the epoch, evaluated every epoch) where there is one."""
+    """The evaluated epochs of every trained student (of slimming, the first chain's), for
+    the accuracy-curve figure: the validation curve (what selects the epoch, evaluated every
+    epoch) where there is one."""
+    first = graph.slim_instances(cfg)[0]
     labels = {
         "distill-ce": "student CE",
         "distill": "student KD",
@@ -517,4 +570,5 @@ def histories(cfg, m: dict[Node, dict | None]) -> dict[str, list[dict]]:
         ]
         for n, v in m.items()
         if n.stage in labels and v and v.get("history")
+        if n.stage not in ("sparsity", "finetune") or n.instance == first
     }

@@ -75,7 +75,7 @@ def result_rows(r: dict) -> list[tuple[str, str, str, str, str]]:
         ),
         (
             "pruned + fine-tuned",
-            _acc(s["pruned"]["acc"]),
+            _seeds(s["finetuned"]) if s["finetuned"]["n"] > 1 else _acc(s["pruned"]["acc"]),
             _num(s["pruned"]["params"]),
             _num(s["pruned"]["macs"]),
             _lat(s["pruned"]["latency_ms"]),
@@ -275,7 +275,7 @@ def markdown(r: dict, figures: dict[str, Path], md_path: Path) -> str:
     lines += _md_table(
         ("", "value"),
         [
-            ("slimmed model", s["model"] or "-"),
+            ("slimmed model", _slimmed(s)),
             ("L1 strength s / total shrinkage", _sparsity(s["sparsity"])),
             ("|gamma| below 1% of the largest", _acc(sep.get("below_1pct"))),
             ("histogram valley (Otsu) / bimodality", _valley(sep)),
@@ -289,6 +289,28 @@ def markdown(r: dict, figures: dict[str, Path], md_path: Path) -> str:
             ),
         ],
     )
+    if len(s["chains"]) > 1:
+        lines += [
+            "",
+            "Every slimmed KD student (one chain per seed; the table above and the figures are "
+            "the first chain's):",
+            "",
+        ]
+        lines += _md_table(
+            ("slimmed", "unpruned acc", "pruned + fine-tuned acc", "difference", "MACs kept"),
+            [
+                (
+                    c["model"],
+                    _acc(c["unpruned_acc"]),
+                    _acc(c["acc"]),
+                    "-"
+                    if None in (c["acc"], c["unpruned_acc"])
+                    else f"{100 * (c['acc'] - c['unpruned_acc']):+.2f}",
+                    _acc(c["macs_ratio"]),
+                )
+                for c in s["chains"]
+            ],
+        )
     for key, title in (
         ("gamma_before", "|gamma| before sparsity training"),
         ("gamma_after", "|gamma| after sparsity training"),
@@ -312,6 +334,13 @@ def markdown(r: dict, figures: dict[str, Path], md_path: Path) -> str:
             ),
         ]
     return "\n".join(lines) + "\n"
+
+
+def _slimmed(s: dict) -> str:
+    if not s["model"]:
+        return "-"
+    more = len(s["chains"]) - 1
+    return s["model"] + (f" (and {more} more, one chain per KD seed)" if more > 0 else "")
 
 
 def _sparsity(sp: dict | None) -> str:

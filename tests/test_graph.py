@@ -75,17 +75,45 @@ def test_members_and_seeds_are_instances():
 
 
 def test_slimming_starts_from_what_the_run_has():
-    assert graph.inputs(cfg(), Node("sparsity"))["model"] == Node("distill", "seed0")
-    teacher_only = cfg("pipeline.stages=[train, sparsity, prune]")
+    def one(*overrides: str):  # one slimming chain
+        return cfg("pipeline.slim_every_seed=false", *overrides)
+
+    assert graph.inputs(one(), Node("sparsity"))["model"] == Node("distill", "seed0")
+    teacher_only = one("pipeline.stages=[train, sparsity, prune]")
     assert graph.inputs(teacher_only, Node("sparsity"))["model"] == Node("train", "cifar_airnet-s0")
-    given = cfg("sparsity.init=/models/x")
+    given = one("sparsity.init=/models/x")
     assert graph.inputs(given, Node("sparsity"))["model"] == Path("/models/x")
     with pytest.raises(ConfigError, match="sparsity.init"):
-        graph.inputs(cfg("pipeline.stages=[sparsity, prune]"), Node("sparsity"))
+        graph.inputs(one("pipeline.stages=[sparsity, prune]"), Node("sparsity"))
     # external teachers: no `train` in the run, the cache reads the files
     ext = cfg("cache.teachers=[{path: /t/a}, {path: /t/b}]")
     assert "train" not in graph.in_run(ext)
     assert graph.inputs(ext, Node("cache"))["teachers"] == [Path("/t/a"), Path("/t/b")]
+
+
+def test_every_kd_student_can_be_slimmed():
+    """`pipeline.slim_every_seed`: one sparsity -> prune -> finetune chain per KD seed, each
+    reading its own seed's nodes and trained with that seed; the export takes the first."""
+    every = cfg("pipeline.slim_every_seed=true", "distill.seeds=[3, 5]", "finetune.kd_from=live")
+    for stage in ("sparsity", "prune", "finetune"):
+        assert graph.BY_NAME[stage].instances(every) == ["seed3", "seed5"]
+    assert graph.inputs(every, Node("sparsity", "seed5"))["model"] == Node("distill", "seed5")
+    assert graph.inputs(every, Node("prune", "seed5"))["model"] == Node("sparsity", "seed5")
+    ft = graph.inputs(every, Node("finetune", "seed5"))
+    assert ft["model"] == Node("prune", "seed5") and ft["teacher"] == Node("sparsity", "seed5")
+    assert graph.inputs(every, Node("export"))["model"] == Node("finetune", "seed3")
+    assert graph.directory(every, Node("prune", "seed5")).parts[-2:] == ("prune", "seed5")
+    assert graph.seed_of(every, "seed5") == 5 and graph.seed_of(every, "") == 0
+    keys = [freshness.values(every, Node("sparsity", i)) for i in ("seed3", "seed5")]
+    assert keys[0]["seed"] == 3 and keys[1]["seed"] == 5
+    # off (the default): one chain from the first KD student, keyed as before the option
+    one = cfg("pipeline.slim_every_seed=false", "distill.seeds=[3, 5]")
+    assert graph.BY_NAME["sparsity"].instances(one) == [""]
+    assert graph.inputs(one, Node("sparsity"))["model"] == Node("distill", "seed3")
+    assert "seed" not in freshness.values(one, Node("sparsity"))
+    for bad in ("sparsity.init=/models/x", "pipeline.stages=[train, sparsity, prune]"):
+        with pytest.raises(ConfigError, match="slim_every_seed=false"):
+            graph.nodes(cfg("pipeline.slim_every_seed=true", bad))
 
 
 def test_keys_read_what_decides_the_output_and_nothing_else():

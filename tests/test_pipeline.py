@@ -330,6 +330,42 @@ def test_two_runs_share_one_cache_and_nothing_is_moved(run_dir, tmp_path):
     assert json.loads((out / "cache" / "metrics.json").read_text())["rows_written"] == 0
 
 
+def test_slimming_every_kd_student_adds_one_chain_per_seed(run_dir, tmp_path):
+    """`pipeline.slim_every_seed` on a finished run: only the chains (one per KD seed), the
+    export and the report run; each chain starts from its own seed's KD student, trains with
+    that seed, and the slimming verdict pairs every chain with its student."""
+    first, _ = run_dir
+    out = tmp_path / "run"
+    shutil.copytree(first, out)
+    stdout = pipeline(out, "pipeline.slim_every_seed=true").stdout
+    chains = [f"{s}:seed{i}" for s in ("sparsity", "prune", "finetune") for i in (0, 1)]
+    assert ran(stdout) == [*chains, "export", "report"]
+    r = json.loads((out / "report" / "report.json").read_text())
+    assert [c["model"] for c in r["slim"]["chains"]] == ["distill:seed0", "distill:seed1"]
+    # the seeds differ, so the two chains trained on other batches: other weights
+    a, b = (load_model(out / "sparsity" / f"seed{i}" / "model")[0] for i in (0, 1))
+    assert any(
+        not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())
+    )
+
+    def correct(node: str):
+        table = np.load(out / node / "test_predictions.npz")
+        return table["pred"] == table["label"]
+
+    v = {x["comparison"]: x for x in r["verdicts"]}["pruned + fine-tuned vs unpruned"]
+    pairs = [
+        correct(f"finetune/seed{i}").mean() - correct(f"distill/seed{i}").mean() for i in (0, 1)
+    ]
+    assert v["n_seeds"] == 2 and v["gain"] == pytest.approx(np.mean(pairs), abs=1e-12)
+    assert v["method"].startswith("paired bootstrap over test images")  # < 3 chains
+    assert json.loads((out / "export" / "export.json").read_text())["source"] == str(
+        out / "finetune" / "seed0" / "model"
+    )
+    md = (out / "report" / "report.md").read_text()
+    assert "distill:seed0 (and 1 more, one chain per KD seed)" in md
+    assert "| distill:seed1 |" in md  # the table of every chain
+
+
 def test_plan_lists_every_node_with_its_dependencies():
     proc = run_cli("plan", "--config", str(ROOT / "tests/configs/base.yaml"), *TINY)
     jobs = {j["name"]: j for j in json.loads(proc.stdout)["jobs"]}

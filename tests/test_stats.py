@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from common.config import load_config
 from common.stats import (
     accuracy_interval,
     direction,
@@ -90,7 +91,7 @@ def test_a_run_that_learnt_nothing_is_reported_at_chance_first():
         "student_ce": {"seeds": seeds},
         "student_kd": {"seeds": [{"seed": 0, "acc": 0.31}]},
         "slim": {
-            "pruned": {"acc": 0.264},
+            "chains": [{"instance": "", "acc": 0.264}],
             # the run of the issue: shrinkage 0.0002 against |gamma| near 1, "bimodality 0.94"
             "sparsity": {"shrink": 0.0002, "median_gamma_before": 0.98},
         },
@@ -130,3 +131,57 @@ def test_the_report_states_which_weights_each_stage_reported():
         "trained weights (finetune)"
     )
     assert selection_rule({Node("prune"): {}}) is None
+
+
+def test_slimming_every_seed_is_judged_over_seed_pairs(tmp_path):
+    """With a chain per KD seed (`pipeline.slim_every_seed`), pruned + fine-tuned against its
+    own unpruned student is a t-interval over the chains, as KD against CE is over seeds."""
+    from launch.config import Config
+    from launch.report_data import T_METHOD, verdict, verdicts
+    from tests.conftest import ROOT
+
+    cfg = load_config(
+        Config,
+        ROOT / "configs/quickstart.yaml",
+        [f"run.out_dir={tmp_path}", "pipeline.slim_every_seed=true", "distill.seeds=[0,1,2,3]"],
+    )
+    unpruned, pruned = [0.975, 0.969, 0.981, 0.972], [0.978, 0.972, 0.981, 0.975]
+    chains = [
+        {
+            "instance": f"seed{s}",
+            "model": f"distill:seed{s}",
+            "from_run": True,
+            "unpruned_acc": u,
+            "acc": p,
+            "macs_ratio": 0.49 + s / 100,
+            "params_ratio": 0.4,
+        }
+        for s, u, p in zip(range(4), unpruned, pruned)
+    ]
+    empty = {"seeds": [], "mean": None, "std": None, "n": 0}
+    r = {
+        "splits": {"test": 359},
+        "ensemble": {"members": 1, "best_member": None, "acc": None},
+        "student_ce": empty,
+        "student_kd": empty,
+        "kd_gain": None,
+        "cache": {"verify_rows_checked": None},
+        "slim": {
+            "chains": chains,
+            "model": "distill:seed0",
+            "params_ratio": 0.4,
+            "macs_ratio": 0.49,
+            "latency_ratio": None,
+            "pruned": {"acc_before_finetune": None},
+        },
+    }
+    [v] = verdicts(cfg, r)
+    ref = stats.ttest_rel(pruned, unpruned).confidence_interval(0.95)
+    assert v["comparison"] == "pruned + fine-tuned vs unpruned" and v["method"] == T_METHOD
+    assert v["n_seeds"] == 4 and v["gain"] == pytest.approx(0.00225)
+    np.testing.assert_allclose(v["ci95"], [ref.low, ref.high], rtol=1e-12)
+    r["verdicts"] = [v]
+    [line] = [x for x in verdict(r) if x.startswith("slimming:")]
+    assert "MACs -51% (-48% to -51% over 4 chains)" in line
+    assert "against the unpruned KD students, each slimmed (4 seeds, mean 97.4%)" in line
+    assert "over 4 seed pair(s)" in line

@@ -13,12 +13,13 @@ from common.models import build_model
 from common.trainer import CrossEntropyTask, Trainer
 from distill.cache.setup import cached_splits, teacher_configs
 from distill.task import replay_cached_views
+from launch.graph import seed_of
 from launch.stages.teachers import cached_kd, live_kd
 
 
 def run(cfg, inputs, ctx) -> dict:
     d = cfg.distill
-    seed = int(ctx.instance.removeprefix("seed"))
+    seed = seed_of(cfg, ctx.instance)
     splits = cached_splits(cfg)
     if ctx.name.startswith("distill-ce"):
         task = CrossEntropyTask(d.loop.label_smoothing)

@@ -15,6 +15,7 @@ from common.checkpoint import build_from_spec, load_model
 from common.errors import ConfigError
 from common.trainer import Trainer
 from distill.config import TeacherConfig
+from launch.graph import seed_of
 from launch.stages.teachers import labels_or_cached_kd, live_kd
 
 
@@ -30,22 +31,23 @@ def scratch_b_epochs(epochs: int, prune_metrics: Path) -> int:
 
 def run(cfg, inputs, ctx) -> dict:
     fc = cfg.finetune
+    seed = seed_of(cfg, ctx.instance)
     model, spec = load_model(inputs["model"])
     loop = fc.loop
     if fc.scratch_b:
         loop = replace(
             loop, epochs=scratch_b_epochs(loop.epochs, inputs["model"].parent / "metrics.json")
         )
-        torch.manual_seed(cfg.run.seed)  # same fresh init on every rank
+        torch.manual_seed(seed)  # same fresh init on every rank
         model = build_from_spec(spec)
         ctx.logger.info(f"scratch-B: {loop.epochs} epochs from random init")
-    task, splits, choose = labels_or_cached_kd(cfg, fc, loop, inputs, ctx)
+    task, splits, choose = labels_or_cached_kd(cfg, fc, loop, inputs, ctx, seed)
     if fc.kd_from == "live":
         teacher = [TeacherConfig(path=str(inputs["teacher"]))]
         task = live_kd(cfg, fc.kd, splits, ctx, teacher, "logits")
     trainer = Trainer(
         ctx=ctx,
-        run=cfg.run,
+        run=replace(cfg.run, seed=seed),  # batch order, choice of views
         loop=loop,
         loop_key="finetune.loop",
         model=model,

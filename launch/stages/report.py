@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from common.logging import write_json, write_text_atomic
 from launch import graph
-from launch.graph import Node
 from launch.report_data import collect, histories, node_metrics
 from launch.report_render import collect_figures, markdown
 
@@ -15,8 +14,8 @@ def run(cfg, inputs, ctx) -> dict:
     report = collect(cfg, metrics)
     if ctx.is_main:
         figures = collect_figures(
-            graph.directory(cfg, Node("sparsity")),
-            graph.directory(cfg, Node("prune")),
+            graph.directory(cfg, graph.first_slimmed(cfg, "sparsity")),
+            graph.directory(cfg, graph.first_slimmed(cfg, "prune")),
             ctx.stage_dir,
             histories(cfg, metrics),
         )

@@ -16,6 +16,7 @@ from common.errors import ConfigError
 from common.logging import write_json
 from common.optim import lr_at
 from common.trainer import Trainer
+from launch.graph import seed_of
 from launch.stages.teachers import labels_or_cached_kd
 from prune.config import DEFAULT_SHRINK
 from prune.l1 import SparsityTask, require_bn, s_for_shrink
@@ -25,9 +26,10 @@ from prune.threshold import all_gammas, separation
 
 def run(cfg, inputs, ctx) -> dict:
     sc = cfg.sparsity
+    seed = seed_of(cfg, ctx.instance)
     model, spec = load_model(inputs["model"])
     require_bn(model, "sparsity.init")
-    inner, splits, choose = labels_or_cached_kd(cfg, sc, sc.loop, inputs, ctx)
+    inner, splits, choose = labels_or_cached_kd(cfg, sc, sc.loop, inputs, ctx, seed)
     if spec["num_classes"] != splits.num_classes:
         raise ConfigError(
             f"the model {inputs['model']} has {spec['num_classes']} classes, "
@@ -53,7 +55,7 @@ def run(cfg, inputs, ctx) -> dict:
     )
     trainer = Trainer(
         ctx=ctx,
-        run=cfg.run,
+        run=dataclasses.replace(cfg.run, seed=seed),  # batch order, choice of views
         # the last epoch, always: it is the sparsest, and what pruning is for
         loop=dataclasses.replace(sc.loop, selection_split="none"),
         loop_key="sparsity.loop",

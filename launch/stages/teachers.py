@@ -86,9 +86,12 @@ def cached_kd(
     return task, splits, replay_cached_views(cfg.cache.views, seed)
 
 
-def labels_or_cached_kd(cfg, section, loop, inputs, ctx) -> tuple[object, Splits, object]:
+def labels_or_cached_kd(
+    cfg, section, loop, inputs, ctx, seed: int
+) -> tuple[object, Splits, object]:
     """(task, splits, view chooser) of a stage that trains on labels, or with
-    `section.kd_from: cache` on the cached soft targets (replaying the teachers' views)."""
+    `section.kd_from: cache` on the cached soft targets (replaying the teachers' views, chosen
+    with `seed`)."""
     if section.kd_from != "cache":
         return CrossEntropyTask(loop.label_smoothing), build_splits(cfg.data, cfg.run.seed), None
     return cached_kd(
@@ -98,7 +101,7 @@ def labels_or_cached_kd(cfg, section, loop, inputs, ctx) -> tuple[object, Splits
         ctx,
         cache_dir=inputs["cache"],
         trained=inputs["teachers"],
-        seed=cfg.run.seed,
+        seed=seed,
         with_test_logits=False,
     )
 
