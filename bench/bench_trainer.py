@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from common.config import DataConfig, LoopConfig, OptimConfig, RunConfig
+from common.config import DataConfig, KDConfig, LoopConfig, OptimConfig, RunConfig
 from common.data import build_splits
 from common.logging import NullLogger
 from common.models import build_model
@@ -128,7 +128,8 @@ def trainer_vs_bare(args, tmp: Path) -> dict:
         ce = make_trainer(acc, CrossEntropyTask(), args.batch, False, tmp)
         rates["ce"].append(trainer_rate(ce, data))
         rates["bare_ce"].append(bare_rate(data, kd=False))
-        kd = make_trainer(acc, KDTask(CachedTeacher(10), T, ALPHA), args.batch, False, tmp)
+        task = KDTask(CachedTeacher(10), KDConfig(temperature=T, alpha=ALPHA))
+        kd = make_trainer(acc, task, args.batch, False, tmp)
         rates["kd"].append(trainer_rate(kd, data))
         rates["bare_kd"].append(bare_rate(data, kd=True))
     med = {k: statistics.median(v) for k, v in rates.items()}

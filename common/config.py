@@ -277,15 +277,85 @@ class LoopConfig:
     """Stop after this many optimizer steps in total (smoke tests, budgets)."""
 
 
+TEMPERATURE = _n(0, 100, open_lo=True)
+WEIGHT = _n(0)
+
+
+@dataclass(kw_only=True)
+class DKDConfig:
+    """Decoupled KD (Zhao et al., CVPR 2022): ce_weight CE + ramp T^2 (alpha TCKD + beta NCKD),
+    with mdistiller's published values (`distillers/DKD.py`, `engine/cfg.py`)."""
+
+    alpha: Annotated[float, WEIGHT] = 1.0
+    """Weight of TCKD, the KL between the binary [p_true, 1 - p_true] distributions."""
+    beta: Annotated[float, WEIGHT] = 8.0
+    """Weight of NCKD, the KL over the non-target classes renormalised (6 for VGG pairs)."""
+    temperature: Annotated[float, TEMPERATURE] = 4.0
+    """Softmax temperature of both sides."""
+    ce_weight: Annotated[float, WEIGHT] = 1.0
+    """Weight of cross-entropy with the labels."""
+    warmup_epochs: Annotated[float | None, _n(0)] = None
+    """The DKD term's weight ramps linearly from 0 to 1 over this many epochs (mdistiller's
+    min(epoch / 20, 1), per step instead of per epoch; 0: no ramp). None: 1/12 of the stage's
+    epochs, the published 20 of 240, so a 20-epoch student ramps over 1.7 epochs instead of
+    spending its whole schedule warming up."""
+
+
+@dataclass(kw_only=True)
+class LSConfig:
+    """Logit standardisation (Sun et al., CVPR 2024): classic KD on (z - mean) / std of each row,
+    both sides, with the authors' published base temperature and weights (tools/train.py:
+    `--base-temp 2 --kd-weight 9`, CE weight 0.1 from mdistiller's KD)."""
+
+    temperature: Annotated[float, TEMPERATURE] = 2.0
+    """Base temperature applied to the standardised logits."""
+    kd_weight: Annotated[float, WEIGHT] = 9.0
+    """Weight of T^2 KL (9 is part of the published gain: plain KD uses 0.9)."""
+    ce_weight: Annotated[float, WEIGHT] = 0.1
+    """Weight of cross-entropy with the labels."""
+
+
+@dataclass(kw_only=True)
+class DISTConfig:
+    """DIST (Huang et al., NeurIPS 2022): ce_weight CE + tau^2 (beta (1 - Pearson over the
+    classes of each row) + gamma (1 - Pearson over the batch of each class)) of the softmax at
+    tau, with the published ImageNet values (torchdistill's and the authors' `DIST`)."""
+
+    beta: Annotated[float, WEIGHT] = 1.0
+    """Weight of the inter-class relation (each image's class ranking)."""
+    gamma: Annotated[float, WEIGHT] = 1.0
+    """Weight of the intra-class relation (each class's ranking over the batch's images)."""
+    tau: Annotated[float, TEMPERATURE] = 1.0
+    """Softmax temperature of both sides."""
+    ce_weight: Annotated[float, WEIGHT] = 1.0
+    """Weight of cross-entropy with the labels."""
+
+
 @dataclass(kw_only=True)
 class KDConfig:
-    """Knowledge distillation: loss = alpha T^2 KL(teacher_T || student_T) + (1 - alpha) CE.
-    One section type for every stage that distils (`distill`, `sparsity`, `finetune`)."""
+    """Knowledge distillation: which loss (`distill.losses.LOSSES`) and its settings. One
+    section type for every stage that distils (`distill`, `sparsity`, `finetune`).
 
-    temperature: Annotated[float, _n(0, 100, open_lo=True)] = 4.0
-    """Softmax temperature T of both sides (KD papers: 1-20; 4-5 on CIFAR)."""
+    `temperature` and `alpha` are classic KD's (`loss: kd`), as they always were; every other
+    loss reads only its own subsection (`dkd`, `ls`, `dist`), whose defaults are the published
+    values. So switching `loss` alone runs that loss as published, whatever T and alpha a
+    configuration sets for KD (every shipped one sets T = 4, alpha = 0.9), instead of running
+    it with KD's T or a weight whose meaning differs from loss to loss."""
+
+    loss: Literal["kd", "dkd", "ls", "dist"] = "kd"
+    """kd: Hinton's KD; dkd: decoupled KD; ls: KD on standardised logits; dist: DIST. Each
+    reads a different part of a top-k cache row (see `distill.losses`); dist needs the whole
+    vector and is refused on `cache.storage: topk`."""
+    temperature: Annotated[float, TEMPERATURE] = 4.0
+    """loss kd: softmax temperature T of both sides (KD papers: 1-20; 4-5 on CIFAR)."""
     alpha: Annotated[float, UNIT] = 0.9
-    """Weight of the KD term; (1 - alpha) weighs cross-entropy with the labels."""
+    """loss kd: alpha T^2 KL(teacher_T || student_T) + (1 - alpha) CE with the labels."""
+    dkd: DKDConfig = field(default_factory=DKDConfig)
+    """loss dkd: its weights, temperature and warm-up."""
+    ls: LSConfig = field(default_factory=LSConfig)
+    """loss ls: its base temperature and weights."""
+    dist: DISTConfig = field(default_factory=DISTConfig)
+    """loss dist: its weights and temperature."""
 
 
 @dataclass(kw_only=True)
@@ -434,6 +504,11 @@ def from_dict(cls: type, data: dict, *, src: str = "<config>", prefix: str = "")
 ADDED_LATER = {
     "*.loop.recalibrate_bn": 0,
     "*.loop.ema_decay": None,
+    "*.kd.loss": "kd",
+    "*.kd.dkd": dataclasses.asdict(DKDConfig()),
+    "*.kd.ls": dataclasses.asdict(LSConfig()),
+    "*.kd.dist": dataclasses.asdict(DISTConfig()),
+    "cache.ensemble_weights": None,
 }
 """Keys added after finished runs existed, with the value that reproduces the behaviour from
 before they existed. At that value a key is left out of a node's key (`launch.freshness`), so

@@ -61,7 +61,9 @@ class CacheConfig:
     cosine >= 0.99998 at T = 1..8: BENCHMARKS.md, "Top-k soft targets"); topk: the k most
     probable classes and their log-probabilities (4k bytes, the rest of the mass spread flat:
     exact at T = 1; at T = 4, k = 10 the KD loss is 7-44% low and the gradient cosine
-    0.964-0.987 on real 100-class teachers, so prefer int8 where C + 4 bytes fit)."""
+    0.964-0.987 on real 100-class teachers, so prefer int8 where C + 4 bytes fit), plus four
+    statistics of the whole row (8 bytes in float16, `layout.TOPK_EXTRAS`) for DKD and LS;
+    DIST needs whole rows and is refused on top-k."""
     topk: POSITIVE_INT = 10
     """Classes kept per row with storage=topk (at most the class count)."""
     logit_dtype: Literal["float16", "float32", "float64"] = "float16"
@@ -69,6 +71,10 @@ class CacheConfig:
     float64 with `run.dtype: float64` makes cached targets equal live ones, for tests)."""
     ensemble: Literal["probs", "logits"] = "probs"
     """Average teachers in probability space (stored as log of the mean probability) or logits."""
+    ensemble_weights: Annotated[list[float] | None, Range(gt=0)] = None
+    """Per-teacher weights of that average, one per teacher in the order of `cache.teachers`
+    (default: of `train.members`), normalised to sum 1 where used; None: equal weights. Part
+    of the cache's identity (normalised), so a cache averaged with other weights is refused."""
     per_teacher: bool = False
     """Also store every teacher's logits (column t<i>_logits)."""
     batch_size: POSITIVE_INT = 256
@@ -103,7 +109,7 @@ class DistillConfig:
     student: ModelConfig = field(default_factory=lambda: ModelConfig(name="cifar_resnet20"))
     """The student network."""
     kd: KDConfig = field(default_factory=KDConfig)
-    """Temperature and weight of the KD term."""
+    """The distillation loss (`kd.loss`) and its settings."""
     seeds: Annotated[list[int] | None, Range(ge=0)] = None
     """One CE and one KD student per seed (initialisation, batch order, choice among the cached
     views), all against the one cache; default [run.seed]. The report gives every seed, the

@@ -12,11 +12,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.config import KDConfig
 from common.data import ViewDataset
 from common.data.seeding import mix
 from common.trainer import label_targets
 from distill.cache import LogitCache
-from distill.losses import kd_terms, soft_kl, topk_to_logits
+from distill.losses import SoftTarget, build_loss, soft_kl, topk_target, warmup_ramp
 from distill.teachers import Ensemble
 
 _CHOICE_SALT = 0xC40
@@ -52,16 +53,22 @@ class CachedTargetDataset(ViewDataset):
 
 
 class CachedTeacher:
-    """Soft targets that came with the batch from a `CachedTargetDataset`."""
+    """Soft targets that came with the batch from a `CachedTargetDataset`; from top-k rows,
+    read with the extras the loss declared (`DistillLoss.topk_extras`) and no others, so a
+    loss's target does not depend on what else the cache happens to store."""
 
-    def __init__(self, num_classes: int):
-        self.num_classes = num_classes
+    def __init__(self, num_classes: int, extras: tuple[str, ...] = ()):
+        self.num_classes, self.extras = num_classes, extras
 
-    def targets(self, batch: dict) -> torch.Tensor:
+    def targets(self, batch: dict) -> SoftTarget:
         if "teacher_logits" in batch:
-            return batch["teacher_logits"]
-        return topk_to_logits(
-            batch["teacher_topk_idx"], batch["teacher_topk_logp"], self.num_classes
+            return SoftTarget(batch["teacher_logits"])
+        return topk_target(
+            batch["teacher_topk_idx"],
+            batch["teacher_topk_logp"],
+            self.num_classes,
+            batch["label"],
+            **{name: batch[f"teacher_{name}"] for name in self.extras},
         )
 
 
@@ -71,17 +78,29 @@ class OnlineTeacher:
     def __init__(self, ensemble: Ensemble):
         self.ensemble = ensemble
 
-    def targets(self, batch: dict) -> torch.Tensor:
+    def targets(self, batch: dict) -> SoftTarget:
         with torch.no_grad():
-            return self.ensemble(batch["image"])[0]
+            return SoftTarget(self.ensemble(batch["image"])[0])
 
 
 class KDTask:
-    """Student loss = alpha T^2 KL + (1 - alpha) CE; test-split agreement with the teachers."""
+    """Student loss = the distillation loss `kd.loss` (`distill.losses.LOSSES`) against the
+    teacher side's soft targets; test-split agreement with the teachers."""
 
-    def __init__(self, teacher, T: float, alpha: float, test_teacher_logits=None):
-        self.teacher, self.T, self.alpha = teacher, T, alpha
+    def __init__(self, teacher, kd: KDConfig, test_teacher_logits=None):
+        self.teacher, self.kd, self.loss = teacher, kd, build_loss(kd.loss)
         self.test_teacher_logits = test_teacher_logits  # [N_test, C] or None
+        self.step, self.steps_per_epoch, self.epochs = 0, None, None
+
+    def start(self, step: int, steps_per_epoch: int, epochs: int) -> None:
+        """Where the schedule stands (optimizer steps done, steps per epoch, the stage's
+        epochs), for a loss that follows it (DKD's warm-up), also after a resume."""
+        self.step, self.steps_per_epoch, self.epochs = step, steps_per_epoch, epochs
+
+    def ramp(self) -> float:
+        """The distillation term's weight at this step (1 outside DKD's warm-up)."""
+        epoch = None if self.steps_per_epoch is None else (self.step + 1) / self.steps_per_epoch
+        return warmup_ramp(self.kd, epoch, self.epochs)
 
     @property
     def live_teacher(self) -> bool:
@@ -90,12 +109,14 @@ class KDTask:
 
     def losses(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         logits = model(batch["image"])
-        t = self.teacher.targets(batch)
-        loss, kl, ce = kd_terms(logits, t, label_targets(batch, logits), self.T, self.alpha)
-        return {"loss": loss, "kl": kl.detach(), "ce": ce.detach()}
+        target, labels = self.teacher.targets(batch), label_targets(batch, logits)
+        terms = self.loss.terms(logits, target, labels, batch["label"], self.kd, self.ramp())
+        return {k: v if k == "loss" else v.detach() for k, v in terms.items()}
 
     def after_backward(self, model: nn.Module) -> dict[str, float]:
-        return {}
+        ramp = self.ramp()
+        self.step += 1
+        return {"dkd_ramp": ramp} if self.kd.loss == "dkd" else {}
 
     def eval_terms(self, logits: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """Agreement with the ensemble on the test split (the trainer asks on test only)."""

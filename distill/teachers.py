@@ -18,27 +18,45 @@ from common.errors import ConfigError, ModelFileError
 from common.files import MODEL_FILE, file_sha256
 from common.models import build_model
 from common.precision import at_least_float32
+from distill.cache.layout import normalised
 from distill.config import TeacherConfig
 
 
-def combine(logits: torch.Tensor, mode: str) -> torch.Tensor:
+def combine(logits: torch.Tensor, mode: str, weights: list[float] | None = None) -> torch.Tensor:
     """Ensemble target as logits from per-teacher logits [T, B, C].
 
     probs: log of the mean probability (MEAL V2 averages in probability space); a valid logit
     vector whose softmax is the mean of the teachers' softmaxes. logits: the mean logit.
+    `weights` (one per teacher, normalised here) make either mean a weighted one.
     """
     logits = at_least_float32(logits)
+    if weights is not None:
+        w = torch.tensor(normalised(weights), dtype=logits.dtype, device=logits.device)
+        if mode == "logits":
+            return torch.einsum("t,tbc->bc", w, logits)
+        return torch.logsumexp(torch.log_softmax(logits, dim=-1) + w.log()[:, None, None], dim=0)
     if mode == "logits" or logits.shape[0] == 1:
         return logits.mean(0)
     return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(logits.shape[0])
 
 
 class Ensemble(nn.Module):
-    def __init__(self, teachers: list[nn.Module], identities: list[dict], mode: str):
+    def __init__(
+        self,
+        teachers: list[nn.Module],
+        identities: list[dict],
+        mode: str,
+        weights: list[float] | None = None,
+    ):
         super().__init__()
+        if weights is not None and len(weights) != len(teachers):
+            raise ConfigError(
+                f"`cache.ensemble_weights` has {len(weights)} weights for {len(teachers)} "
+                "teachers: give one per teacher"
+            )
         self.teachers = nn.ModuleList(teachers)
         self.identities = identities  # for manifests: architecture and weights checksum
-        self.mode = mode
+        self.mode, self.weights = mode, weights
         self.requires_grad_(False)
         self.eval()
 
@@ -50,7 +68,7 @@ class Ensemble(nn.Module):
         float64 ensemble)."""
         images = images.to(next(self.parameters()).dtype)  # float32 under ZeRO-3, see
         per = torch.stack([at_least_float32(t(images)) for t in self.teachers])  # place_frozen
-        return combine(per, self.mode), per
+        return combine(per, self.mode, self.weights), per
 
 
 def teacher_identity(cfg: TeacherConfig, num_classes: int) -> dict:
@@ -81,8 +99,10 @@ def load_teacher(cfg: TeacherConfig, num_classes: int) -> tuple[nn.Module, dict]
     return model, identity
 
 
-def build_ensemble(cfgs: list[TeacherConfig], num_classes: int, mode: str) -> Ensemble:
+def build_ensemble(
+    cfgs: list[TeacherConfig], num_classes: int, mode: str, weights: list[float] | None = None
+) -> Ensemble:
     if not cfgs:
         raise ConfigError("no teachers configured: set cache.teachers (a list of model dirs)")
     loaded = [load_teacher(c, num_classes) for c in cfgs]
-    return Ensemble([m for m, _ in loaded], [i for _, i in loaded], mode)
+    return Ensemble([m for m, _ in loaded], [i for _, i in loaded], mode, weights)

@@ -56,6 +56,7 @@ class Config:
             )
         members(self)  # distinct member names
         check_names(self)
+        check_distillation(self)
 
 
 def check_names(cfg: Config) -> None:
@@ -90,3 +91,37 @@ def check_names(cfg: Config) -> None:
         raise ConfigError(
             f"{len(missing)} weight file(s) this run needs are not there: " + " | ".join(missing)
         )
+
+
+def check_distillation(cfg: Config) -> None:
+    """What the cache must hold for its readers, checked before any stage runs: one weight per
+    teacher, and whole rows for a loss that reads every class (DIST) from the cache."""
+    from launch.graph import in_run, members
+
+    c = cfg.cache
+    count = len(c.teachers) or len(members(cfg))
+    if c.ensemble_weights is not None and len(c.ensemble_weights) != count:
+        order = "`cache.teachers`" if c.teachers else "`train.members` (the default teachers)"
+        raise ConfigError(
+            f"`cache.ensemble_weights` has {len(c.ensemble_weights)} weights for {count} "
+            f"teachers: give one per teacher, in the order of {order}"
+        )
+    if c.storage != "topk":
+        return
+    from distill.losses import LOSSES
+
+    stages = set(in_run(cfg))
+    reads_cache = {
+        "distill": "distill" in stages and cfg.distill.mode == "cached",
+        "sparsity": "sparsity" in stages and cfg.sparsity.kd_from == "cache",
+        "finetune": "finetune" in stages and cfg.finetune.kd_from == "cache",
+    }
+    for section, reads in reads_cache.items():
+        loss = getattr(cfg, section).kd.loss
+        if reads and LOSSES[loss].topk_extras is None:
+            raise ConfigError(
+                f"`{section}.kd.loss: {loss}` correlates every class's probability (over the "
+                f"classes and over the batch), and `cache.storage: topk` keeps only the "
+                f"{c.topk} most probable: use cache.storage full or int8 (C + 4 bytes a row), "
+                f"or another `{section}.kd.loss`"
+            )

@@ -56,7 +56,8 @@ def values(cfg, node: Node) -> dict:
     """The config values `node` reads, runtime-only keys excluded."""
     stage = graph.BY_NAME[node.stage]
     data = to_dict(cfg)
-    out = {path: _strip(_pick(data, path), path) for path in stage.reads}
+    picked = {path: _pick(data, path) for path in stage.reads}
+    out = {p: _strip(v, p) for p, v in picked.items() if not _left_out(p, v)}
     out.update(stage.instance_reads(cfg, node.instance))
     return out
 

@@ -24,7 +24,7 @@ from typing import Literal
 from common.config import ConfigError, ModelConfig, to_dict
 from common.errors import KdslimError
 from common.files import MODEL_FILE, SPEC_FILE
-from distill.cache.layout import MANIFEST_FILE, identity_of
+from distill.cache.layout import MANIFEST_FILE, identity_differences
 
 Resources = Literal["train", "single", "array"]
 """How a node runs on a cluster: `train` on every node and GPU of a training job, `single` as
@@ -281,7 +281,7 @@ def _cache_in_place(cfg) -> bool:
         teachers = _cache_teachers(cfg)
         manifest = cache_root(cfg, teachers) / MANIFEST_FILE
         found = json.loads(manifest.read_text())
-        return identity_of(found) == request(cfg, teachers)
+        return not identity_differences(found, request(cfg, teachers))
     except (OSError, ValueError, KdslimError):  # no teachers yet, no manifest, unreadable
         return False
 
@@ -369,7 +369,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "distill",
         "the student on the ensemble's soft targets, one per `distill.seeds` entry",
-        reads=(*_RUN, *_KD_STUDENT, "distill.mode", "cache.ensemble"),
+        reads=(*_RUN, *_KD_STUDENT, "distill.mode", "cache.ensemble", "cache.ensemble_weights"),
         inputs=_distill_inputs,
         instances=_seed_instances,
         instance_reads=_seed_reads,

@@ -18,7 +18,11 @@ import torch
 
 from common.config import load_config
 from distill.cache import CacheError, LogitCache
-from distill.cache.setup import request, teacher_configs
+from distill.cache.layout import TOPK_EXTRAS
+from distill.cache.setup import cached_splits, request, teacher_configs
+from distill.cache.verify import verify_directory
+from distill.cache.writer import topk_extras
+from distill.losses import LOSSES
 from launch.config import Config
 from tests.artifacts import N, cache_args, cdir, copy_of
 from tests.conftest import PY, ROOT, cli_env, run_cli
@@ -252,17 +256,71 @@ def test_topk_storage_keeps_top_classes_and_tail_mass(tmp_path, teachers, refere
     torch.testing.assert_close(tail, 1 - vals.exp().sum(1), atol=1e-2, rtol=0)
     cache = LogitCache(cdir(tmp_path / "top"))
     got = cache.rows(np.array([5, 7]), np.array([2, 0]))
-    assert set(got) == {"topk_idx", "topk_logp"} and got["topk_idx"].shape == (2, 3)
-    # the whole row is 3 int16 indices and 3 float16 log-probabilities: 12 bytes, no keys
+    assert set(got) == {"topk_idx", "topk_logp", *TOPK_EXTRAS} and got["topk_idx"].shape == (2, 3)
+    # the whole row is 3 int16 indices, 3 float16 log-probabilities and 4 float16 extras: 20
+    # bytes, no keys
     assert (
         datasets.load_from_disk(str(cdir(tmp_path / "top") / "shard-00000-of-00001")).data.nbytes
-        == N * 3 * 12
+        == N * 3 * 20
     )
+    # The extras are the whole row's statistics, from the unrounded logits: within the full
+    # cache's float16 rounding of the same logits (2.4e-3 at ~5, at most that through a
+    # mean, std or log-sum-exp), the extras' own (2^-11 relative) and the label's logit
+    cfg = config(tmp_path / "top", teachers, *topk)
+    labels = torch.as_tensor(cached_splits(cfg).train.source.labels).repeat_interleave(3)
+    want = topk_extras(torch.from_numpy(full["logits"].copy()).double(), labels)
+    for name in TOPK_EXTRAS:
+        stored = torch.from_numpy(top[name].copy()).double()
+        torch.testing.assert_close(stored, want[name], atol=1e-2, rtol=2e-3)
     verify = run_cli(
         "verify-cache",
         *cache_args(tmp_path / "top", teachers, *topk),
     )
-    assert "verify-cache: OK" in verify.stdout
+    assert "verify-cache: OK" in verify.stdout  # the spot check re-scores the extras too
+
+    # A top-k cache from before the extras serves the losses that read none (KD) and is
+    # refused, saying what to do, to those that do; no top-k cache serves DIST.
+    old = tmp_path / "old"
+    shutil.copytree(cdir(tmp_path / "top"), old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["storage"]["extras"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    wanted = request(cfg, teacher_configs(cfg, []))
+    kd = LogitCache(old, wanted, needs=LOSSES["kd"].topk_extras)
+    assert set(kd.rows(np.array([5]), np.array([2]))) == {"topk_idx", "topk_logp"}
+    with pytest.raises(CacheError, match="without target_logit, lse .* write the cache again"):
+        LogitCache(old, wanted, needs=LOSSES["dkd"].topk_extras)
+    with pytest.raises(CacheError, match="needs every class's logit"):
+        LogitCache(cdir(tmp_path / "top"), wanted, needs=LOSSES["dist"].topk_extras)
+    LogitCache(cdir(tmp_path / "top"), wanted, needs=LOSSES["ls"].topk_extras)
+
+
+@pytest.mark.slow
+def test_weighted_ensemble_cache_records_its_weights_and_refuses_others(tmp_path, teachers):
+    """`cache.ensemble_weights`: the stored target is the weighted mean of the teachers'
+    probabilities, the normalised weights are in the cache's identity, a request with other
+    weights (or none) is refused, and verify-cache re-scores with the recorded weights."""
+    small = ["data.train_subset=40"]
+    run_cli("cache", *cache_args(tmp_path, teachers, *small, "cache.ensemble_weights=[1, 3]"))
+    root = cdir(tmp_path)
+    assert LogitCache(root).manifest["ensemble_weights"] == [0.25, 0.75]
+    rows = all_rows(root)
+    per = torch.from_numpy(np.stack([rows["t0_logits"], rows["t1_logits"]]).astype(np.float32))
+    mean_p = 0.25 * torch.softmax(per[0], -1) + 0.75 * torch.softmax(per[1], -1)
+    # float16 logits: each probability within ~3e-3 (as for the unweighted mean)
+    stored_p = torch.softmax(torch.from_numpy(rows["logits"].copy()).float(), -1)
+    torch.testing.assert_close(stored_p, mean_p, atol=3e-3, rtol=0)
+
+    def expect(*weights):
+        cfg = config(tmp_path, teachers, *small, *weights)
+        return request(cfg, teacher_configs(cfg, []))
+
+    LogitCache(root, expect("cache.ensemble_weights=[2, 6]"))  # the same weights, normalised
+    for other in (["cache.ensemble_weights=[1, 1]"], []):
+        with pytest.raises(CacheError, match="ensemble_weights"):
+            LogitCache(root, expect(*other))
+    report = verify_directory(root, samples=16)
+    assert report["rescored"] and report["within_tolerance"]
 
 
 @pytest.mark.slow
@@ -283,6 +341,12 @@ def test_int8_storage_is_within_a_step_of_full_logits(tmp_path, teachers, refere
     assert (got.argmax(-1) == full.argmax(-1)).float().mean() > 0.99
     verify = run_cli("verify-cache", *cache_args(tmp_path / "q", teachers, *int8))
     assert "verify-cache: OK" in verify.stdout
+
+
+def config(out: Path, teachers: list[str], *overrides: str) -> Config:
+    """The configuration `cache_args(out, teachers, *overrides)` runs with."""
+    args = cache_args(out, teachers, *overrides)
+    return load_config(Config, ROOT / "tests/configs/base.yaml", args[2:])
 
 
 def test_reader_reads_by_position_refuses_old_formats_and_third_party_loaders_work(

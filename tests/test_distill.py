@@ -4,6 +4,7 @@ KD on the same views, DDP equivalence and refusal of a mismatched cache."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from common.data import build_splits
 from distill.cache.writer import quantize
 from distill.losses import kd_loss, kd_loss_topk, topk_to_logits
 from distill.task import teacher_test_logits
-from tests.artifacts import cache_args
+from tests.artifacts import cache_args, cdir, copy_of
 from tests.conftest import run_cli
 from tests.equivalence import EXACT, F64, assert_same_weights, weights
 
@@ -220,6 +221,27 @@ def test_two_process_distill_equals_one_process_and_mismatch_is_refused(tmp_path
         bad = run_cli("distill", *args, change, check=False)
         assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
         assert "reads cache" in bad.stderr and "not complete" in bad.stderr
+
+
+@pytest.mark.slow
+def test_each_loss_trains_from_a_cache_it_can_read(tmp_path, teachers, reference_cache):
+    """`distill.kd.loss` picks the loss, whatever else the configuration sets: DIST from full
+    rows, DKD (with its warm-up) and LS from a top-k cache's extras, which reach the loss
+    through the loader; each logs its own named terms."""
+    short = [*DISTILL, "distill.loop.epochs=1", "distill.loop.max_steps=2"]
+    copy_of(reference_cache, tmp_path)
+    run_cli("distill", *cache_args(tmp_path, teachers, *short, "distill.kd.loss=dist"))
+    assert {"loss", "inter", "intra", "ce"} == set(steps(tmp_path / S0)[0]) - {"step", "time", "lr"}
+    topk = ["cache.storage=topk", "cache.topk=3", "cache.per_teacher=false"]
+    top = tmp_path / "top"
+    run_cli("cache", *cache_args(top, teachers, *topk))
+    for loss, terms in (("dkd", {"tckd", "nckd", "dkd_ramp"}), ("ls", {"kl"})):
+        out = [f"run.out_dir={top / loss}", f"cache.dir={cdir(top)}", f"distill.kd.loss={loss}"]
+        args = cache_args(top, teachers, *topk, *short, *out)
+        assert "reusing the complete cache" in run_cli("cache", *args).stdout
+        run_cli("distill", *args)
+        logged = steps(top / loss / S0)
+        assert terms <= set(logged[0]) and all(math.isfinite(s["loss"]) for s in logged)
 
 
 @pytest.mark.slow

@@ -465,12 +465,14 @@ def test_scratch_b_epochs_match_the_macs_budget(tmp_path):
 
 
 def test_live_kd_task_uses_a_frozen_teacher():
+    from common.config import KDConfig
     from distill.task import KDTask, OnlineTeacher
     from distill.teachers import Ensemble
 
     torch.manual_seed(0)
     teacher, student = build_model("cifar_resnet20", 10), build_model("cifar_resnet20", 10)
-    task = KDTask(OnlineTeacher(Ensemble([teacher.train()], [{}], "logits")), T=4.0, alpha=0.9)
+    kd = KDConfig(temperature=4.0, alpha=0.9)
+    task = KDTask(OnlineTeacher(Ensemble([teacher.train()], [{}], "logits")), kd)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     b = {"image": torch.randn(4, 3, 8, 8), "label": torch.arange(4)}
     terms = task.losses(student, b)

@@ -10,7 +10,8 @@ Row r of the cache (shards concatenated in order) holds sample r // V, view r % 
 are implied by that position, not stored (each shard's record gives its row range): a row is
 only its soft target: `logits` [C] (full storage), `logits_q` [C] uint8 + `logits_lo` and
 `logits_step` (int8 storage: C + 4 bytes), or `topk_idx` [k] + `topk_logp` [k] (top-k: the k
-most probable classes and their log-probabilities; 40 bytes a top-10 view). Any reader
+most probable classes and their log-probabilities; 40 bytes a top-10 view) and the row's
+extras (`TOPK_EXTRAS`, one value each: 8 bytes in float16). Any reader
 (`datasets.load_from_disk`) finds sample s, view v at row s * V + v.
 Shards and inference batches are cut at multiples of `batch_size` rows, so a row's teacher
 forward pass sees the same batch whatever the number of processes or array tasks, and a
@@ -20,6 +21,7 @@ forward pass sees the same batch whatever the number of processes or array tasks
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +31,17 @@ from common.errors import CacheError, ConfigError
 
 CACHE_FORMAT = 3
 """1: keys and targets; 2: + `logit_dtype`, and `layout` apart from the content identity;
-3: keys implied by row position, top-k stored as log-probabilities (no logsumexp column)."""
+3: keys implied by row position, top-k stored as log-probabilities. Top-k rows later gained
+`TOPK_EXTRAS` within format 3: `storage.extras` says whether a cache holds them."""
 SPEC_FILE, MANIFEST_FILE = "spec.json", "manifest.json"
+TOPK_EXTRAS = ("target_logit", "lse", "mean", "std")
+"""What a top-k row stores besides its k log-probabilities, all of the ensemble's target
+logits z over all C classes at T = 1, in `logit_dtype`: the true class's logit z_y, the
+log-sum-exp (the log-probabilities are z - lse), and the mean and (Bessel-corrected) std.
+They make exact what a top-k row can make exact: DKD's target term at T = 1, and LS's
+standardisation (`distill.losses.topk_target`). `storage.extras` in the manifest lists them;
+a top-k cache from before they existed lacks the key and serves only the losses that need
+none of them (`check_extras`)."""
 
 
 def cache_identity(cfg, dataset, teachers: list[dict]) -> dict:
@@ -55,12 +66,15 @@ def cache_identity(cfg, dataset, teachers: list[dict]) -> dict:
         },
         "teachers": teachers,
         "ensemble": c.ensemble,
+        # keys only where set, so that caches made before they existed keep their identity
+        **({"ensemble_weights": normalised(c.ensemble_weights)} if c.ensemble_weights else {}),
         "storage": {
             "mode": c.storage,
             "k": c.topk if c.storage == "topk" else None,
             "index_dtype": index_dtype(num_classes) if c.storage == "topk" else None,
             "per_teacher": c.per_teacher,
             "logit_dtype": c.logit_dtype,
+            **({"extras": list(TOPK_EXTRAS)} if c.storage == "topk" else {}),
         },
         "num_classes": num_classes,
         "precision": cfg.run.mixed_precision,  # the teachers' autocast; verify re-scores so
@@ -68,16 +82,56 @@ def cache_identity(cfg, dataset, teachers: list[dict]) -> dict:
     }
 
 
+def normalised(weights: list[float]) -> list[float]:
+    """Per-teacher weights scaled to sum 1: [1, 2, 1] and [2, 4, 2] average alike, and a cache
+    identity records them once."""
+    total = math.fsum(weights)
+    return [w / total for w in weights]
+
+
 def identity_of(spec_or_manifest: dict) -> dict:
     """The identity part of a spec.json or manifest.json."""
     keys = ("format", "dataset", "views", "teachers", "ensemble", "storage", "num_classes")
     keys += ("precision", "dtype")
     out = {k: spec_or_manifest.get(k) for k in keys}
+    if "ensemble_weights" in spec_or_manifest:  # recorded only where set (`cache_identity`)
+        out["ensemble_weights"] = spec_or_manifest["ensemble_weights"]
     # the manifest adds each teacher's accuracy on the cached views: not part of the identity
     out["teachers"] = [
         {k: v for k, v in t.items() if k != "acc_on_cached_views"} for t in out["teachers"] or []
     ]
     return out
+
+
+def identity_differences(manifest: dict, expected: dict) -> list[str]:
+    """What differs between a cache's identity and a request, except the top-k extras a cache
+    made before they existed lacks: that cache still serves every loss that needs none of
+    them, and `check_extras` refuses it to the others."""
+    found = identity_of(manifest)
+    if "extras" not in (found["storage"] or {}):
+        storage = {k: v for k, v in expected.get("storage", {}).items() if k != "extras"}
+        expected = {**expected, "storage": storage}
+    return describe_mismatch(found, expected)
+
+
+def check_extras(root: Path, manifest: dict, needs: tuple[str, ...] | None) -> None:
+    """Refuse a top-k cache to a loss that needs what its rows do not hold: the whole vector
+    (`needs` None) or extras it was written without."""
+    if manifest["storage"]["mode"] != "topk":
+        return  # full and int8 rows hold the whole vector: every loss
+    if needs is None:
+        raise CacheError(
+            f"{root} holds top-k rows, and this loss needs every class's logit: use a cache "
+            f"with cache.storage full or int8, or another `kd.loss`"
+        )
+    missing = [n for n in needs if n not in manifest["storage"].get("extras", [])]
+    if missing:
+        raise CacheError(
+            f"{root} holds top-k rows without {', '.join(missing)} (written before kdslim "
+            f"stored them), which this `kd.loss` reads: write the cache again with `cache` "
+            f"into a new directory (`cache.dir: auto` does; the old cache is left as it is), "
+            f"or use `kd.loss: kd`"
+        )
 
 
 def shard_name(index: int, count: int) -> str:

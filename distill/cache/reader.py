@@ -22,9 +22,9 @@ from common.errors import CacheError
 from distill.cache.layout import (
     MANIFEST_FILE,
     SPEC_FILE,
+    check_extras,
     check_format,
-    describe_mismatch,
-    identity_of,
+    identity_differences,
     mismatch,
     read_json,
     shard_name,
@@ -32,9 +32,12 @@ from distill.cache.layout import (
 
 
 class LogitCache:
-    def __init__(self, root: str | Path, expect: dict | None = None):
+    def __init__(
+        self, root: str | Path, expect: dict | None = None, needs: tuple[str, ...] | None = ()
+    ):
         """Open the cache in `root`; with `expect` (a request, `cache_identity`), refuse one
-        made for other data, views, teachers or storage, listing the differences."""
+        made for other data, views, teachers or storage, listing the differences; refuse
+        top-k rows that lack what the loss reads (`needs`: `DistillLoss.topk_extras`)."""
         self.root = Path(root)
         manifest_path = self.root / MANIFEST_FILE
         if not manifest_path.is_file():
@@ -48,7 +51,7 @@ class LogitCache:
         self.manifest = read_json(manifest_path)
         check_format(self.root, self.manifest)
         if expect is not None:
-            diffs = describe_mismatch(identity_of(self.manifest), expect)
+            diffs = identity_differences(self.manifest, expect)
             if diffs:
                 raise mismatch(
                     self.root,
@@ -57,6 +60,7 @@ class LogitCache:
                     "Run `cache` for this configuration (it writes to another directory "
                     "with `cache.dir: auto`), or point cache.dir at the matching cache.",
                 )
+        check_extras(self.root, self.manifest, needs)
         self.views = self.manifest["views"]["count"]
         self.num_classes = self.manifest["num_classes"]
         self.storage = self.manifest["storage"]["mode"]
@@ -93,7 +97,8 @@ class LogitCache:
 
     def rows(self, sample_ids: np.ndarray, view_ids: np.ndarray) -> dict[str, torch.Tensor]:
         """Soft targets for each (sample, view): `logits` [B, C] (full and int8 storage) or
-        `topk_idx` [B, k] and `topk_logp` [B, k] (top-k storage), in at least float32."""
+        `topk_idx` [B, k], `topk_logp` [B, k] and each stored extra [B] (top-k storage, see
+        `layout.TOPK_EXTRAS`), in at least float32."""
         sample_ids = np.asarray(sample_ids, dtype=np.int64)
         view_ids = np.asarray(view_ids, dtype=np.int64)
         if (view_ids < 0).any() or (view_ids >= self.views).any():
@@ -106,8 +111,10 @@ class LogitCache:
             q = _column(table, "logits_q").float()
             step, lo = _column(table, "logits_step"), _column(table, "logits_lo")
             return {"logits": lo[:, None] + q * step[:, None]}
-        names = ["logits"] if self.storage == "full" else ["topk_idx", "topk_logp"]
-        return {n: _column(table, n) for n in names}
+        if self.storage == "full":
+            return {"logits": _column(table, "logits")}
+        extras = self.manifest["storage"].get("extras", [])
+        return {n: _column(table, n) for n in ["topk_idx", "topk_logp", *extras]}
 
 
 def _column(table, name: str) -> torch.Tensor:

@@ -20,8 +20,9 @@ from common.data import ViewDataset, build_splits
 from common.errors import CacheError, KdslimError
 from common.files import file_sha256
 from common.precision import DTYPES
-from distill.cache.layout import identity_of, shard_name
+from distill.cache.layout import TOPK_EXTRAS, identity_of, shard_name
 from distill.cache.reader import LogitCache
+from distill.cache.writer import topk_extras
 from distill.config import CacheConfig, TeacherConfig
 from distill.teachers import Ensemble, build_ensemble, teacher_identity
 
@@ -89,7 +90,8 @@ def spot_check(
     rows = np.sort(rng.choice(cache.num_rows, size=min(k, cache.num_rows), replace=False))
     sids, vids = rows // cache.views, rows % cache.views
     stored = cache.rows(sids, vids)
-    images = torch.stack([dataset[(int(s), int(v))]["image"] for s, v in zip(sids, vids)])
+    items = [dataset[(int(s), int(v))] for s, v in zip(sids, vids)]
+    images = torch.stack([item["image"] for item in items])
     dtype = next(ensemble.parameters()).dtype
     with torch.inference_mode(), autocast:
         fresh, _ = ensemble(images.to(device, dtype))
@@ -97,17 +99,26 @@ def spot_check(
     row_atol = torch.full((len(rows), 1), atol, dtype=fresh.dtype)
     if cache.storage in ("full", "int8"):
         ref_vals, stored_vals = fresh, stored["logits"]
+        scale = ref_vals.abs()
         stored_top1 = stored_vals.argmax(-1)
         if cache.storage == "int8":  # plus one quantisation step of the row's range
             span = fresh.max(-1, keepdim=True).values - fresh.min(-1, keepdim=True).values
             row_atol = row_atol + span * (1 + rtol) / 255
     else:
         idx = stored["topk_idx"]
+        names = [n for n in TOPK_EXTRAS if n in stored]  # none in a cache from before them
+        extras = topk_extras(fresh, torch.tensor([item["label"] for item in items]))
+        # a row statistic moves by at most ~3x the error of the row's largest logit (the std
+        # by 2 sqrt(C / (C - 1)) times it), plus its own rounding
+        row_scale = 4 * fresh.abs().max(-1, keepdim=True).values
         fresh = torch.log_softmax(fresh, -1)  # top-k rows hold log-probabilities
-        ref_vals, stored_vals = fresh.gather(1, idx), stored["topk_logp"]
+        ref_vals = torch.cat([fresh.gather(1, idx), *(extras[n][:, None] for n in names)], 1)
+        stored_vals = torch.cat([stored["topk_logp"], *(stored[n][:, None] for n in names)], 1)
+        scale = torch.cat([ref_vals[:, : idx.shape[1]].abs(), row_scale.expand(-1, len(names))], 1)
+        row_atol = row_atol * torch.tensor([1.0] * idx.shape[1] + [3.0] * len(names))
         stored_top1 = idx[:, 0]
     err = (ref_vals - stored_vals).abs()
-    tol = row_atol + rtol * ref_vals.abs()
+    tol = row_atol + rtol * scale
     # A near-tie can flip the arg-max under float16 rounding: the stored top-1 must then be
     # within tolerance of the fresh maximum.
     fresh_top = fresh.max(-1).values
@@ -149,7 +160,8 @@ def verify_directory(root, samples: int = CacheConfig.verify_samples, seed: int 
     if isinstance(found, str):
         return {**report, "rescored": False, "skipped_because": found}
     dataset, teachers = found
-    ensemble = build_ensemble(teachers, cache.num_classes, cache.manifest["ensemble"])
+    m = cache.manifest
+    ensemble = build_ensemble(teachers, cache.num_classes, m["ensemble"], m.get("ensemble_weights"))
     ensemble.to(DTYPES[cache.manifest.get("dtype", "float32")])
     checked = spot_check(cache, dataset, ensemble, samples, seed, torch.device("cpu"))
     return {**report, **checked, "rescored": True}

@@ -181,7 +181,7 @@ class ShardWriter:
                 counts[:-2] += (per.argmax(-1) == labels).sum(1).numpy()
                 counts[-2] += int((target.argmax(-1) == labels).sum())
                 counts[-1] += len(labels)
-                for k, v in self._encode(target, per).items():
+                for k, v in self._encode(target, per, labels).items():
                     if k not in columns:
                         columns[k] = np.empty((end - start, *v.shape[1:]), v.dtype)
                     columns[k][filled : filled + len(v)] = v
@@ -204,7 +204,9 @@ class ShardWriter:
         self.rows_written += end - start
         return stats
 
-    def _encode(self, target: torch.Tensor, per: torch.Tensor) -> dict[str, np.ndarray]:
+    def _encode(
+        self, target: torch.Tensor, per: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, np.ndarray]:
         """One batch's columns ([B] or [B, K] arrays). No keys: a row's position is its key
         (see layout)."""
         cols = {}
@@ -218,6 +220,7 @@ class ShardWriter:
             logp, idx = torch.log_softmax(target, -1).topk(self.storage["k"], dim=-1)
             cols["topk_idx"] = idx.numpy().astype(self.storage["index_dtype"])
             cols["topk_logp"] = self._floats(logp)
+            cols.update({k: self._floats(v) for k, v in topk_extras(target, labels).items()})
         if self.storage["per_teacher"]:
             for t in range(per.shape[0]):
                 cols[f"t{t}_logits"] = self._floats(per[t])
@@ -298,6 +301,17 @@ def code_version() -> str:
     except OSError:
         rev = "unknown"
     return f"kdslim-0.1.0+{rev}"
+
+
+def topk_extras(target: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`layout.TOPK_EXTRAS` [B] of ensemble target logits [B, C] over all C classes, from the
+    unrounded logits (see layout; the std is Bessel-corrected, as LS standardises)."""
+    return {
+        "target_logit": target.gather(1, labels.long()[:, None])[:, 0],
+        "lse": torch.logsumexp(target, -1),
+        "mean": target.mean(-1),
+        "std": target.std(-1),
+    }
 
 
 def quantize(logits: torch.Tensor) -> dict[str, np.ndarray]:

@@ -13,8 +13,7 @@ from common.precision import DTYPES, memory_format
 from distill.cache.layout import (
     MANIFEST_FILE,
     check_format,
-    describe_mismatch,
-    identity_of,
+    identity_differences,
     mismatch,
     read_json,
 )
@@ -37,7 +36,7 @@ def run(cfg, inputs, ctx) -> dict:
     if manifest_path.is_file():
         manifest = read_json(manifest_path)
         check_format(root, manifest)
-        diffs = describe_mismatch(identity_of(manifest), wanted)
+        diffs = identity_differences(manifest, wanted)
         if diffs:
             raise mismatch(
                 root,
@@ -51,9 +50,10 @@ def run(cfg, inputs, ctx) -> dict:
 
     acc = ctx.accelerator
     dataset = cached_splits(cfg).train
-    ensemble = build_ensemble(teachers, dataset.source.num_classes, cfg.cache.ensemble).to(
-        acc.device, DTYPES[cfg.run.dtype], memory_format=memory_format(cfg.run)
-    )
+    c = cfg.cache
+    ensemble = build_ensemble(
+        teachers, dataset.source.num_classes, c.ensemble, c.ensemble_weights
+    ).to(acc.device, DTYPES[cfg.run.dtype], memory_format=memory_format(cfg.run))
     num_shards, mine = shard_assignment(cfg, acc.process_index, acc.num_processes)
     spec = build_spec(wanted, cfg, num_shards, teachers)
     # rank 0 writes (or checks) spec.json first; then every other process (and array task)

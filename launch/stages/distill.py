@@ -14,7 +14,7 @@ from common.trainer import CrossEntropyTask, Trainer
 from distill.cache.setup import cached_splits, teacher_configs
 from distill.task import replay_cached_views
 from launch.graph import seed_of
-from launch.stages.teachers import cached_kd, live_kd
+from launch.stages.teachers import cached_kd, follow_schedule, live_kd
 
 
 def run(cfg, inputs, ctx) -> dict:
@@ -37,7 +37,8 @@ def run(cfg, inputs, ctx) -> dict:
         )
     else:
         teachers = teacher_configs(cfg, inputs["teachers"])
-        task = live_kd(cfg, d.kd, splits, ctx, teachers, cfg.cache.ensemble)
+        c = cfg.cache
+        task = live_kd(cfg, d.kd, splits, ctx, teachers, c.ensemble, c.ensemble_weights)
         choose = replay_cached_views(cfg.cache.views, seed)
     s = d.student
     torch.manual_seed(seed)
@@ -55,6 +56,7 @@ def run(cfg, inputs, ctx) -> dict:
         splits=splits,
         choose_views=choose,
     )
+    follow_schedule(task, trainer)
     metrics = trainer.fit()
     chosen = metrics["selected"] or {}
     agreement = chosen.get("test_teacher_agreement")

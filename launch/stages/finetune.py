@@ -16,7 +16,7 @@ from common.errors import ConfigError
 from common.trainer import Trainer
 from distill.config import TeacherConfig
 from launch.graph import seed_of
-from launch.stages.teachers import labels_or_cached_kd, live_kd
+from launch.stages.teachers import follow_schedule, labels_or_cached_kd, live_kd
 
 
 def scratch_b_epochs(epochs: int, prune_metrics: Path) -> int:
@@ -56,4 +56,5 @@ def run(cfg, inputs, ctx) -> dict:
         task=task,
         **({"choose_views": choose} if choose else {}),
     )
+    follow_schedule(task, trainer)
     return trainer.fit()

@@ -17,7 +17,7 @@ from common.logging import write_json
 from common.optim import lr_at
 from common.trainer import Trainer
 from launch.graph import seed_of
-from launch.stages.teachers import labels_or_cached_kd
+from launch.stages.teachers import follow_schedule, labels_or_cached_kd
 from prune.config import DEFAULT_SHRINK
 from prune.l1 import SparsityTask, require_bn, s_for_shrink
 from prune.plots import gamma_histogram
@@ -73,6 +73,7 @@ def run(cfg, inputs, ctx) -> dict:
         shrink = DEFAULT_SHRINK
     task.s = sc.s if sc.s is not None else s_for_shrink(shrink, lrs)
     task.total_steps, task.steps_per_epoch, task.step = trainer.total_steps, spe, trainer.state.step
+    follow_schedule(inner, trainer)
     start = separation(all_gammas(trainer.unwrapped))
     ctx.logger.info(
         f"sparsity: s = {task.s:.3g}, total shrinkage s x sum(lr) = {shrink:.3g} over "

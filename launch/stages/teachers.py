@@ -19,6 +19,7 @@ from common.trainer import CrossEntropyTask
 from distill.cache import LogitCache
 from distill.cache.setup import cached_splits, request, teacher_configs
 from distill.config import TeacherConfig
+from distill.losses import build_loss
 from distill.task import (
     CachedTargetDataset,
     CachedTeacher,
@@ -30,9 +31,11 @@ from distill.task import (
 from distill.teachers import Ensemble, build_ensemble
 
 
-def live_ensemble(cfg, teachers: list[TeacherConfig], ctx: StageContext, num_classes: int, mode):
+def live_ensemble(
+    cfg, teachers: list[TeacherConfig], ctx: StageContext, num_classes: int, mode, weights=None
+):
     """The ensemble on this process's device in the run's precision (sharded under ZeRO-3)."""
-    ensemble = build_ensemble(teachers, num_classes, mode).to(DTYPES[cfg.run.dtype])
+    ensemble = build_ensemble(teachers, num_classes, mode, weights).to(DTYPES[cfg.run.dtype])
     return place_frozen(ensemble, ctx.accelerator, ctx.logger.info)
 
 
@@ -76,13 +79,17 @@ def cached_kd(
     """(task, splits with cached targets, view chooser) for a student distilled from the cache
     in `cache_dir`, which must be the cache this configuration asks for."""
     teachers = teacher_configs(cfg, trained)
-    cache = LogitCache(cache_dir, request(cfg, teachers))
+    extras = build_loss(kd.loss).topk_extras
+    cache = LogitCache(cache_dir, request(cfg, teachers), needs=extras)
     logits = None
     if with_test_logits:
-        ensemble = live_ensemble(cfg, teachers, ctx, splits.num_classes, cfg.cache.ensemble)
+        c = cfg.cache
+        ensemble = live_ensemble(
+            cfg, teachers, ctx, splits.num_classes, c.ensemble, c.ensemble_weights
+        )
         logits = test_logits(cfg, ensemble, splits, ctx)
     splits = dataclasses.replace(splits, train=CachedTargetDataset(splits.train, cache))
-    task = KDTask(CachedTeacher(splits.num_classes), kd.temperature, kd.alpha, logits)
+    task = KDTask(CachedTeacher(splits.num_classes, extras or ()), kd, logits)
     return task, splits, replay_cached_views(cfg.cache.views, seed)
 
 
@@ -107,10 +114,23 @@ def labels_or_cached_kd(
 
 
 def live_kd(
-    cfg, kd: KDConfig, splits: Splits, ctx: StageContext, teachers: list[TeacherConfig], mode
+    cfg,
+    kd: KDConfig,
+    splits: Splits,
+    ctx: StageContext,
+    teachers: list[TeacherConfig],
+    mode,
+    weights=None,
 ) -> KDTask:
-    """A task whose soft targets come from `teachers` run on each batch, frozen."""
-    ensemble = live_ensemble(cfg, teachers, ctx, splits.num_classes, mode)
-    return KDTask(
-        OnlineTeacher(ensemble), kd.temperature, kd.alpha, test_logits(cfg, ensemble, splits, ctx)
-    )
+    """A task whose soft targets come from `teachers` run on each batch, frozen, averaged by
+    `mode` with `weights` (as `cache.ensemble` and `cache.ensemble_weights`)."""
+    ensemble = live_ensemble(cfg, teachers, ctx, splits.num_classes, mode, weights)
+    return KDTask(OnlineTeacher(ensemble), kd, test_logits(cfg, ensemble, splits, ctx))
+
+
+def follow_schedule(task, trainer) -> None:
+    """Tell a KD task where its trainer's schedule stands (step, steps per epoch, epochs), so
+    a loss that follows it (DKD's warm-up) continues where a resumed run stopped. Other
+    tasks keep no schedule."""
+    if isinstance(task, KDTask):
+        task.start(trainer.state.step, trainer.sampler.steps_per_epoch, trainer.loop.epochs)

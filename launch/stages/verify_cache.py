@@ -13,9 +13,10 @@ def run(cfg, inputs, ctx) -> dict:
     teachers = teacher_configs(cfg, inputs["teachers"])
     dataset = cached_splits(cfg).train
     cache = LogitCache(inputs["cache"], request(cfg, teachers))
-    ensemble = build_ensemble(teachers, dataset.source.num_classes, cfg.cache.ensemble).to(
-        ctx.accelerator.device, DTYPES[cfg.run.dtype]
-    )
+    c = cfg.cache
+    ensemble = build_ensemble(
+        teachers, dataset.source.num_classes, c.ensemble, c.ensemble_weights
+    ).to(ctx.accelerator.device, DTYPES[cfg.run.dtype])
     report = {"cache_dir": str(inputs["cache"]), "rows": check_files_and_keys(cache)}
     report.update(
         spot_check(
