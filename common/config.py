@@ -277,6 +277,8 @@ class LoopConfig:
     """Stop after this many optimizer steps in total (smoke tests, budgets)."""
 
 
+LossName = Literal["kd", "dkd", "ls", "dist"]
+"""The registered distillation losses (`distill.losses.LOSSES`)."""
 TEMPERATURE = _n(0, 100, open_lo=True)
 WEIGHT = _n(0)
 
@@ -342,7 +344,7 @@ class KDConfig:
     configuration sets for KD (every shipped one sets T = 4, alpha = 0.9), instead of running
     it with KD's T or a weight whose meaning differs from loss to loss."""
 
-    loss: Literal["kd", "dkd", "ls", "dist"] = "kd"
+    loss: LossName = "kd"
     """kd: Hinton's KD; dkd: decoupled KD; ls: KD on standardised logits; dist: DIST. Each
     reads a different part of a top-k cache row (see `distill.losses`); dist needs the whole
     vector and is refused on `cache.storage: topk`."""

@@ -10,6 +10,7 @@ from common.config import (
     ConfigError,
     KDConfig,
     LoopConfig,
+    LossName,
     ModelConfig,
     Range,
 )
@@ -110,6 +111,10 @@ class DistillConfig:
     """The student network."""
     kd: KDConfig = field(default_factory=KDConfig)
     """The distillation loss (`kd.loss`) and its settings."""
+    compare: list[LossName] = field(default_factory=list)
+    """Other losses, each trained for every seed like the KD students (the same cache, views,
+    schedule and seeds; each with its settings from `kd`), in `distill-loss/<loss>-seed<N>/`:
+    the report compares each with the CE students and with `kd.loss`, pair by pair."""
     seeds: Annotated[list[int] | None, Range(ge=0)] = None
     """One CE and one KD student per seed (initialisation, batch order, choice among the cached
     views), all against the one cache; default [run.seed]. The report gives every seed, the
@@ -120,3 +125,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
             raise ConfigError(f"`distill.seeds` must be distinct seeds, got {self.seeds}")
+        if self.kd.loss in self.compare or len(set(self.compare)) != len(self.compare):
+            raise ConfigError(
+                f"`distill.compare` lists other losses than `distill.kd.loss` "
+                f"({self.kd.loss}), each once; got {self.compare}"
+            )

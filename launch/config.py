@@ -110,18 +110,20 @@ def check_distillation(cfg: Config) -> None:
         return
     from distill.losses import LOSSES
 
-    stages = set(in_run(cfg))
-    reads_cache = {
-        "distill": "distill" in stages and cfg.distill.mode == "cached",
-        "sparsity": "sparsity" in stages and cfg.sparsity.kd_from == "cache",
-        "finetune": "finetune" in stages and cfg.finetune.kd_from == "cache",
-    }
-    for section, reads in reads_cache.items():
-        loss = getattr(cfg, section).kd.loss
-        if reads and LOSSES[loss].topk_extras is None:
+    stages, d = set(in_run(cfg)), cfg.distill
+    from_cache = []  # (key, loss) of every student that reads the cache
+    if d.mode == "cached":
+        from_cache += [("distill.kd.loss", d.kd.loss)] if "distill" in stages else []
+        from_cache += [("distill.compare", x) for x in d.compare if "distill-loss" in stages]
+    for section in ("sparsity", "finetune"):
+        sc = getattr(cfg, section)
+        if section in stages and sc.kd_from == "cache":
+            from_cache.append((f"{section}.kd.loss", sc.kd.loss))
+    for key, loss in from_cache:
+        if LOSSES[loss].topk_extras is None:
             raise ConfigError(
-                f"`{section}.kd.loss: {loss}` correlates every class's probability (over the "
-                f"classes and over the batch), and `cache.storage: topk` keeps only the "
-                f"{c.topk} most probable: use cache.storage full or int8 (C + 4 bytes a row), "
-                f"or another `{section}.kd.loss`"
+                f"`{key}: {loss}` correlates every class's probability (over the classes and "
+                f"over the batch), and `cache.storage: topk` keeps only the {c.topk} most "
+                f"probable: use cache.storage full or int8 (C + 4 bytes a row), or another "
+                f"loss in `{key}`"
             )

@@ -175,8 +175,13 @@ def _first_seed(cfg) -> str:
 
 def seed_of(cfg, instance: str) -> int:
     """The seed a node trains with (initialisation, batch order, choice of views): its
-    instance's (`seed3`), or `run.seed` for a stage that runs once."""
-    return int(instance.removeprefix("seed")) if instance else cfg.run.seed
+    instance's (`seed3`, `dkd-seed3`), or `run.seed` for a stage that runs once."""
+    return int(instance.rpartition("seed")[2]) if instance else cfg.run.seed
+
+
+def loss_of(instance: str) -> str:
+    """The loss of a `distill-loss` node (`dkd-seed3` -> `dkd`)."""
+    return instance.rpartition("-seed")[0]
 
 
 def slim_instances(cfg) -> list[str]:
@@ -315,6 +320,14 @@ def _seed_instances(cfg) -> list[str]:
     return [f"seed{s}" for s in student_seeds(cfg)]
 
 
+def _loss_instances(cfg) -> list[str]:
+    return [f"{loss}-{seed}" for loss in cfg.distill.compare for seed in _seed_instances(cfg)]
+
+
+def _loss_reads(cfg, instance: str) -> dict:
+    return {"seed": seed_of(cfg, instance), "loss": loss_of(instance)}
+
+
 def _chain_reads(cfg, instance: str) -> dict:
     """A chain of `slim_every_seed` trains with its seed; the one chain reads `run.seed`."""
     return _seed_reads(cfg, instance) if instance else {}
@@ -373,6 +386,16 @@ STAGES: tuple[Stage, ...] = (
         inputs=_distill_inputs,
         instances=_seed_instances,
         instance_reads=_seed_reads,
+    ),
+    Stage(
+        "distill-loss",
+        "students with the other losses of `distill.compare`, one per loss and seed",
+        reads=(*_RUN, *_KD_STUDENT, "distill.mode", "cache.ensemble", "cache.ensemble_weights"),
+        inputs=_distill_inputs,
+        instances=_loss_instances,
+        instance_reads=_loss_reads,
+        enabled=lambda cfg: bool(cfg.distill.compare),
+        module="distill",
     ),
     Stage(
         "sparsity",

@@ -57,16 +57,19 @@ def seeds_summary(rows: list[dict]) -> dict:
     }
 
 
-def _students(m: dict, stage: str) -> dict:
+def _students(m: dict, stage: str, loss: str = "") -> dict:
+    """The students of `stage` (of `distill-loss`: those of `loss`), every seed."""
     rows = []
     for node, metrics in _of(m, stage):
+        if graph.loss_of(node.instance) != loss:
+            continue
         row = {
-            "seed": int(node.instance.removeprefix("seed")),
+            "seed": int(node.instance.rpartition("seed")[2]),
             "acc": chosen(metrics),
             "val_acc": chosen(metrics, "val_acc"),
             "epoch": chosen(metrics, "epoch"),
         }
-        if stage == "distill":
+        if stage != "distill-ce":
             row["teacher_agreement"] = chosen(metrics, "test_teacher_agreement")
         rows.append(row)
     return seeds_summary(rows)
@@ -127,6 +130,40 @@ def comparison(name: str, pairs: list[tuple], n_test: int | None, seeds: bool) -
     }
 
 
+SLIM = "pruned + fine-tuned vs unpruned"
+KEPT_MARGIN = 0.005
+"""Slimming "keeps the accuracy" when its paired interval's lower end is above minus this
+(half a point): a non-inferiority margin, stated with the verdict. An interval that merely
+holds 0 says only that no loss was detected."""
+
+
+def kept_words(v: dict | None) -> str:
+    """Whether the slimming interval shows the accuracy kept within the margin."""
+    if v is None or "accuracy_kept" not in v:
+        return ""
+    bar = f"{-100 * v['kept_margin']:.1f} points"
+    if v["accuracy_kept"]:
+        return f"; its lower end is above {bar}: accuracy kept"
+    return f"; its lower end reaches {bar}: not shown to keep the accuracy"
+
+
+def _seed_pairs(cfg, a: tuple, b: tuple) -> list[tuple]:
+    """`comparison`'s pairs for students A and B of the same seeds: each of `a`, `b` is (the
+    `seeds_summary`, seed -> its node)."""
+    (summary_a, node_a), (summary_b, node_b) = a, b
+    accs = {row["seed"]: row["acc"] for row in summary_a["seeds"]}
+    return [
+        (
+            accs[row["seed"]],
+            row["acc"],
+            _correct(cfg, node_a(row["seed"])),
+            _correct(cfg, node_b(row["seed"])),
+        )
+        for row in summary_b["seeds"]
+        if row["seed"] in accs
+    ]
+
+
 def verdicts(cfg, r: dict) -> list[dict]:
     """Every comparison the report makes, each with its paired 95% interval (`common.stats`)."""
     n_test = (r["splits"] or {}).get("test")
@@ -142,20 +179,17 @@ def verdicts(cfg, r: dict) -> list[dict]:
         best = _correct(cfg, Node("train", member.name))
         pair = (e["best_member_acc"], e["acc"], best, ensemble)
         out.append(comparison("ensemble vs best member", [pair], n_test, seeds=False))
-    pairs = []
-    ce_rows = {row["seed"]: row["acc"] for row in r["student_ce"]["seeds"]}
-    for row in r["student_kd"]["seeds"]:
-        if row["seed"] in ce_rows:
-            seed = f"seed{row['seed']}"
-            pairs.append(
-                (
-                    ce_rows[row["seed"]],
-                    row["acc"],
-                    _correct(cfg, Node("distill-ce", seed)),
-                    _correct(cfg, Node("distill", seed)),
-                )
-            )
-    out.append(comparison("KD vs CE", pairs, n_test, seeds=True))
+
+    def node(stage: str, loss: str = ""):
+        return lambda seed: Node(stage, f"{loss}-seed{seed}" if loss else f"seed{seed}")
+
+    ce, kd = (r["student_ce"], node("distill-ce")), (r["student_kd"], node("distill"))
+    out.append(comparison("KD vs CE", _seed_pairs(cfg, ce, kd), n_test, seeds=True))
+    for loss, students in r["student_losses"].items():
+        other = (students, node("distill-loss", loss))
+        for name, base in (("CE", ce), ("KD", kd)):
+            pairs = _seed_pairs(cfg, base, other)
+            out.append(comparison(f"{loss.upper()} vs {name}", pairs, n_test, seeds=True))
     pairs = [
         (
             c["unpruned_acc"],
@@ -166,8 +200,11 @@ def verdicts(cfg, r: dict) -> list[dict]:
         for c in r["slim"]["chains"]
         if c["from_run"]
     ]
-    if pairs:
-        out.append(comparison("pruned + fine-tuned vs unpruned", pairs, n_test, seeds=True))
+    slim = comparison(SLIM, pairs, n_test, seeds=True)
+    if slim is not None:
+        slim["kept_margin"] = KEPT_MARGIN
+        slim["accuracy_kept"] = slim["ci95"][0] > -KEPT_MARGIN
+    out.append(slim)
     return [v for v in out if v is not None]
 
 
@@ -378,6 +415,9 @@ def collect(cfg, m: dict[Node, dict | None]) -> dict:
         },
         "student_ce": ce,
         "student_kd": kd,
+        "student_losses": {
+            loss: _students(m, "distill-loss", loss) for loss in cfg.distill.compare
+        },
         "kd_gain": kd_gain(ce, kd),
         "slim": _slim(cfg, m),
         "export": None
@@ -430,6 +470,10 @@ def warnings_first(m: dict[Node, dict | None], r: dict) -> list[str]:
         models.append(("the teacher ensemble", r["ensemble"]["acc"]))
         for label, key in (("CE student", "student_ce"), ("KD student", "student_kd")):
             models += [(f"{label} seed {x['seed']}", x["acc"]) for x in r[key]["seeds"]]
+        for loss, students in r.get("student_losses", {}).items():
+            models += [
+                (f"{loss.upper()} student seed {x['seed']}", x["acc"]) for x in students["seeds"]
+            ]
         models += [
             (f"the pruned + fine-tuned student {c['instance']}".rstrip(), c["acc"])
             for c in r["slim"]["chains"]
@@ -492,6 +536,16 @@ def verdict(r: dict) -> list[str]:
             + interval_words(by_name.get("KD vs CE"), "KD")
             + (twins if g["twins"] > 1 else "")
         )
+    for loss, students in r["student_losses"].items():
+        name = loss.upper()
+        if students["mean"] is None:
+            continue
+        against = [
+            f"{_pts(v['gain'])} points against {base}" + interval_words(v, name)
+            for base in ("CE", "KD")
+            if (v := by_name.get(f"{name} vs {base}")) is not None
+        ]
+        lines.append(f"{name} ({students['n']} seed(s)): " + "; ".join(against))
     s = r["slim"]
     p = s["pruned"]
     if s["params_ratio"] is not None:
@@ -519,9 +573,8 @@ def verdict(r: dict) -> list[str]:
             gain = statistics.fmean(c["acc"] for c in done) - ref
             parts.append(
                 f"accuracy {_pts(gain)} points after fine-tune against {against}"
-                + interval_words(
-                    by_name.get("pruned + fine-tuned vs unpruned"), "the pruned student"
-                )
+                + interval_words(by_name.get(SLIM), "the pruned student")
+                + kept_words(by_name.get(SLIM))
             )
         if p["acc_before_finetune"] is not None and s["baseline"]["acc"] is not None:
             parts.append(before_finetune(p, s["baseline"]))
@@ -561,6 +614,7 @@ def histories(cfg, m: dict[Node, dict | None]) -> dict[str, list[dict]]:
     labels = {
         "distill-ce": "student CE",
         "distill": "student KD",
+        "distill-loss": "student",
         "sparsity": "sparsity (L1)",
         "finetune": "pruned + fine-tuned",
     }

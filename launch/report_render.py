@@ -49,6 +49,10 @@ def result_rows(r: dict) -> list[tuple[str, str, str, str, str]]:
         ("teacher ensemble", _acc(r["ensemble"]["acc"]), "-", "-", "-"),
         ("student CE (labels only)", _seeds(r["student_ce"]), "-", "-", "-"),
         ("student KD (cached)", _seeds(r["student_kd"]), "-", "-", "-"),
+        *(
+            (f"student {loss.upper()} (cached)", _seeds(s), "-", "-", "-")
+            for loss, s in r["student_losses"].items()
+        ),
         (
             "slim baseline (after L1)",
             _acc(s["baseline"]["acc"]),
@@ -243,8 +247,10 @@ def markdown(r: dict, figures: dict[str, Path], md_path: Path) -> str:
     ]
     lines += ["", "## Students: every seed", ""]
     seed_rows = []
-    for label, key in (("CE (labels)", "student_ce"), ("KD (cached)", "student_kd")):
-        for row in r[key]["seeds"]:
+    students = [("CE (labels)", r["student_ce"]), ("KD (cached)", r["student_kd"])]
+    students += [(f"{loss.upper()} (cached)", s) for loss, s in r["student_losses"].items()]
+    for label, summary in students:
+        for row in summary["seeds"]:
             seed_rows.append(
                 (
                     label,

@@ -315,6 +315,15 @@ def test_weights_and_whole_row_losses_are_checked_at_load():
     load_config(Config, None, ["cache.storage=int8", "distill.kd.loss=dist"])
     for loss in ("kd", "dkd", "ls"):
         load_config(Config, None, [*topk, f"distill.kd.loss={loss}"])
+    # the losses compared with kd.loss (`distill-loss`): the same checks, each listed once
+    with pytest.raises(ConfigError, match=r"`distill.compare: dist`.*keeps only the 3 most"):
+        load_config(Config, None, [*topk, "distill.compare=[dkd, dist]"])
+    load_config(Config, None, [*topk, "distill.compare=[dkd, ls]"])
+    for bad in ("[kd]", "[dkd, dkd]"):
+        with pytest.raises(ConfigError, match="other losses than `distill.kd.loss` \\(kd\\)"):
+            load_config(Config, None, [f"distill.compare={bad}"])
+    with pytest.raises(ConfigError, match="distill.compare"):
+        load_config(Config, None, ["distill.compare=[dkdd]"])
 
 
 def test_finished_runs_stay_fresh_and_a_new_loss_reruns_what_reads_it():

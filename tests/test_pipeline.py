@@ -330,16 +330,19 @@ def test_two_runs_share_one_cache_and_nothing_is_moved(run_dir, tmp_path):
     assert json.loads((out / "cache" / "metrics.json").read_text())["rows_written"] == 0
 
 
-def test_slimming_every_kd_student_adds_one_chain_per_seed(run_dir, tmp_path):
-    """`pipeline.slim_every_seed` on a finished run: only the chains (one per KD seed), the
-    export and the report run; each chain starts from its own seed's KD student, trains with
-    that seed, and the slimming verdict pairs every chain with its student."""
+def test_another_loss_and_slimming_every_seed_add_only_their_nodes(run_dir, tmp_path):
+    """On a finished run, `distill.compare` and `pipeline.slim_every_seed` run only their own
+    nodes (students of the other loss, one slimming chain per KD seed), the export and the
+    report. The other loss's students are paired by seed with the CE and KD students; each
+    chain starts from its own seed's KD student, trains with that seed, and the slimming
+    verdict pairs every chain with its student."""
     first, _ = run_dir
     out = tmp_path / "run"
     shutil.copytree(first, out)
-    stdout = pipeline(out, "pipeline.slim_every_seed=true").stdout
+    stdout = pipeline(out, "pipeline.slim_every_seed=true", "distill.compare=[dkd]").stdout
     chains = [f"{s}:seed{i}" for s in ("sparsity", "prune", "finetune") for i in (0, 1)]
-    assert ran(stdout) == [*chains, "export", "report"]
+    students = ["distill-loss:dkd-seed0", "distill-loss:dkd-seed1"]
+    assert ran(stdout) == [*students, *chains, "export", "report"]
     r = json.loads((out / "report" / "report.json").read_text())
     assert [c["model"] for c in r["slim"]["chains"]] == ["distill:seed0", "distill:seed1"]
     # the seeds differ, so the two chains trained on other batches: other weights
@@ -364,6 +367,19 @@ def test_slimming_every_kd_student_adds_one_chain_per_seed(run_dir, tmp_path):
     md = (out / "report" / "report.md").read_text()
     assert "distill:seed0 (and 1 more, one chain per KD seed)" in md
     assert "| distill:seed1 |" in md  # the table of every chain
+    # the other loss: its terms logged, its students compared with CE and KD seed by seed
+    assert (
+        "train_tckd"
+        in json.loads((out / "distill-loss/dkd-seed1/metrics.json").read_text())["last"]
+    )
+    dkd = [correct(f"distill-loss/dkd-seed{i}").mean() for i in (0, 1)]
+    assert [x["acc"] for x in r["student_losses"]["dkd"]["seeds"]] == pytest.approx(dkd)
+    for base, stage in (("CE", "distill-ce"), ("KD", "distill")):
+        v = {x["comparison"]: x for x in r["verdicts"]}[f"DKD vs {base}"]
+        diff = np.mean(dkd) - np.mean([correct(f"{stage}/seed{i}").mean() for i in (0, 1)])
+        assert v["n_seeds"] == 2 and v["gain"] == pytest.approx(diff, abs=1e-12)
+    assert any(line.startswith("DKD (2 seed(s)): ") for line in r["verdict"])
+    assert "| student DKD (cached) |" in md and "| DKD (cached) | 1 |" in md
 
 
 def test_plan_lists_every_node_with_its_dependencies():

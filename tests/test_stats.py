@@ -164,6 +164,7 @@ def test_slimming_every_seed_is_judged_over_seed_pairs(tmp_path):
         "ensemble": {"members": 1, "best_member": None, "acc": None},
         "student_ce": empty,
         "student_kd": empty,
+        "student_losses": {},
         "kd_gain": None,
         "cache": {"verify_rows_checked": None},
         "slim": {
@@ -185,3 +186,12 @@ def test_slimming_every_seed_is_judged_over_seed_pairs(tmp_path):
     assert "MACs -51% (-48% to -51% over 4 chains)" in line
     assert "against the unpruned KD students, each slimmed (4 seeds, mean 97.4%)" in line
     assert "over 4 seed pair(s)" in line
+    # non-inferiority: the lower end against -0.5 points, said in words
+    assert v["kept_margin"] == 0.005 and v["accuracy_kept"] == (ref.low > -0.005)
+    assert v["accuracy_kept"] and line.endswith("its lower end is above -0.5 points: accuracy kept")
+    for c, lost in zip(chains, [0.0, 0.01, 0.002, 0.004]):  # -0.9 to +0.3 points
+        c["acc"] = c["unpruned_acc"] + 0.003 - lost
+    [v] = r["verdicts"] = verdicts(cfg, r)
+    assert v["ci95"][0] < -0.005 and not v["accuracy_kept"]
+    [line] = [x for x in verdict(r) if x.startswith("slimming:")]
+    assert line.endswith("its lower end reaches -0.5 points: not shown to keep the accuracy")

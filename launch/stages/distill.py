@@ -1,6 +1,7 @@
-"""`distill` and `distill-ce`: one student per seed, on the ensemble's soft targets (cached, or
-live with `distill.mode=online`) or, for the baseline, on labels alone; every other setting is
-shared, and both replay the same cached views, so the loss is the only difference."""
+"""`distill`, `distill-ce` and `distill-loss`: one student per seed, on the ensemble's soft
+targets (cached, or live with `distill.mode=online`) with `kd.loss` or, for `distill-loss`,
+each loss of `distill.compare`, or for the baseline on labels alone; every other setting is
+shared, and all replay the same cached views, so the loss is the only difference."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ from common.models import build_model
 from common.trainer import CrossEntropyTask, Trainer
 from distill.cache.setup import cached_splits, teacher_configs
 from distill.task import replay_cached_views
-from launch.graph import seed_of
+from launch.graph import loss_of, seed_of
 from launch.stages.teachers import cached_kd, follow_schedule, live_kd
 
 
 def run(cfg, inputs, ctx) -> dict:
     d = cfg.distill
     seed = seed_of(cfg, ctx.instance)
+    kd = d.kd
+    if ctx.name.startswith("distill-loss"):
+        kd = dataclasses.replace(kd, loss=loss_of(ctx.instance))
     splits = cached_splits(cfg)
     if ctx.name.startswith("distill-ce"):
         task = CrossEntropyTask(d.loop.label_smoothing)
@@ -27,7 +31,7 @@ def run(cfg, inputs, ctx) -> dict:
     elif d.mode == "cached":
         task, splits, choose = cached_kd(
             cfg,
-            d.kd,
+            kd,
             splits,
             ctx,
             cache_dir=inputs["cache"],
@@ -38,7 +42,7 @@ def run(cfg, inputs, ctx) -> dict:
     else:
         teachers = teacher_configs(cfg, inputs["teachers"])
         c = cfg.cache
-        task = live_kd(cfg, d.kd, splits, ctx, teachers, c.ensemble, c.ensemble_weights)
+        task = live_kd(cfg, kd, splits, ctx, teachers, c.ensemble, c.ensemble_weights)
         choose = replay_cached_views(cfg.cache.views, seed)
     s = d.student
     torch.manual_seed(seed)
