@@ -22,6 +22,11 @@ PREDICTIONS_FILE = "test_predictions.npz"
 `pred`), which paired comparisons over test images read (`common.stats`)."""
 ENSEMBLE_PREDICTIONS = "ensemble_test_predictions.npz"
 """Beside a KD student: the teacher ensemble's prediction for every test image."""
+UNPRUNED_EXPORT = "unpruned"
+"""In an export after slimming: the unpruned student's formats, measured like the pruned one's."""
+INT8_PREDICTIONS = "int8_test_predictions.npz"
+"""In an export: the int8 model's prediction for every test image (the float ONNX model's are
+in PREDICTIONS_FILE beside it), paired by test image with any other model's."""
 
 
 def honour_umask(path: str | Path) -> None:

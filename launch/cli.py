@@ -6,6 +6,8 @@
     python -m launch plan --config FILE [--stages A,B] [...]   # the run as scheduler jobs
     python -m launch models
     python -m launch verify-cache --cache DIR                # a cache someone handed you
+    python -m launch predict DIR IMAGE... [--model int8]     # an export directory alone
+    python -m launch measure DIR [--threads N] [--json]
 
 Also runs under `accelerate launch [flags] -m launch ...`: every process parses the same
 arguments and finds its rank from the environment accelerate sets. The stages and their help
@@ -28,7 +30,11 @@ COMMANDS = {
     "pipeline": "the whole run: every stage in order, skipping the complete ones",
     "plan": "print the run as jobs with their dependencies (JSON; slurm/submit.sh submits it)",
     "models": "list the registered model names",
+    "predict": "DIR IMAGE...: the classes of image files, by an export directory alone",
+    "measure": "DIR: size, peak memory, latency and accuracy of an export, on this machine",
 }
+EXPORT_COMMANDS = ("predict", "measure")
+"""Commands that read an export directory alone: no --config, no training setup."""
 EXIT_PREEMPTED = 75
 """Exit status of a stage stopped by SIGUSR2/SIGTERM after saving a checkpoint (EX_TEMPFAIL)."""
 EXIT_INTERRUPTED = 130
@@ -63,8 +69,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """`kdslim ...` (the console script) and `python -m launch ...`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in EXPORT_COMMANDS:
+        return export_command(argv[0], argv[1:])
     try:
-        args = parse(sys.argv[1:] if argv is None else argv)
+        args = parse(argv)
     except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
         return e.code if isinstance(e.code, int) else 2
     if args.target == "models":
@@ -161,6 +170,47 @@ def verify_directory(args: argparse.Namespace) -> int:
     else:
         line += f"; re-scoring skipped: {report['skipped_because']}"
     print(line)
+    return 0
+
+
+def export_command(command: str, argv: list[str]) -> int:
+    """`predict DIR IMAGE...` and `measure DIR`: what a deployment host runs, with the export
+    directory alone (its own argument parser: no stage, config or overrides apply)."""
+    parser = argparse.ArgumentParser(prog=f"kdslim {command}", description=COMMANDS[command])
+    parser.add_argument("directory", metavar="DIR", help="an export directory (<out_dir>/export)")
+    if command == "predict":
+        parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
+        parser.add_argument(
+            "--model", choices=("float", "int8"), default="float", help="which ONNX model runs"
+        )
+        parser.add_argument("--top", type=int, default=5, help="classes shown per image")
+    else:
+        parser.add_argument(
+            "--threads", type=int, default=1, help="threads of both runtimes (default 1)"
+        )
+        parser.add_argument("--json", action="store_true", help="the measurements as JSON")
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "top", 1) < 1 or getattr(args, "threads", 1) < 1:
+            parser.error("--top and --threads take a positive number")
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
+        return e.code if isinstance(e.code, int) else 2
+
+    from common.errors import KdslimError
+
+    try:
+        if command == "predict":
+            from launch.deploy import format_predictions, predict
+
+            print(format_predictions(predict(args.directory, args.images, args.model, args.top)))
+        else:
+            from launch.measure import measure_export, render
+
+            costs = measure_export(args.directory, args.threads)
+            print(json.dumps(costs, indent=1) if args.json else render(costs))
+    except KdslimError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

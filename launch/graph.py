@@ -250,15 +250,24 @@ def _finetune_inputs(cfg, i: str) -> dict[str, Input | list[Input]]:
         "model": Path(fc.init) if fc.init else Node("prune", i),
         **_kd_cache(cfg, fc),
     }
-    if fc.kd_from == "live":  # the unpruned model by default
+    if fc.kd_from == "live":  # the sparsity-trained network by default
         out["teacher"] = Path(fc.teacher) if fc.teacher else Node("sparsity", i)
+    elif fc.kd_from == "unpruned":
+        out["teacher"] = _sparsity_inputs(cfg, i)["model"]
     return out
 
 
-def _final_student(cfg) -> Input:
-    if "finetune" in in_run(cfg):
-        return first_slimmed(cfg, "finetune")
-    return Node("distill", _first_seed(cfg))
+def _export_inputs(cfg, _i: str) -> dict[str, Input | list[Input]]:
+    """The final student (the first chain's fine-tuned one, else the first KD student) and,
+    after slimming, the unpruned model that chain started from: the export measures what
+    deploying each costs."""
+    if "finetune" not in in_run(cfg):
+        return {"model": Node("distill", _first_seed(cfg))}
+    chain = first_slimmed(cfg, "sparsity").instance
+    return {
+        "model": first_slimmed(cfg, "finetune"),
+        "unpruned": _sparsity_inputs(cfg, chain)["model"],
+    }
 
 
 def _report_inputs(cfg, _i: str) -> dict[str, Input | list[Input]]:
@@ -423,9 +432,19 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "export",
-        "the final student as safetensors, TorchScript and ONNX, each checked",
-        reads=("data", "pipeline.export_batch", "pipeline.export_atol", "pipeline.onnx_opset"),
-        inputs=lambda cfg, i: {"model": _final_student(cfg)},
+        "the final student as safetensors, TorchScript, ONNX and int8 ONNX, each checked, "
+        "with its costs and the unpruned student's",
+        reads=(
+            "data",
+            "run.seed",  # the check batch
+            "pipeline.export_batch",
+            "pipeline.export_atol",
+            "pipeline.onnx_opset",
+            "pipeline.int8_calibration",
+            "cache.views",  # the int8 calibration views: the cache's recipe
+            "cache.plain_first",
+        ),
+        inputs=_export_inputs,
         outputs=("export.json",),
         resources="single",
         enabled=lambda cfg: cfg.pipeline.export,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from common.config import POSITIVE_INT, Range
+from common.config import NON_NEGATIVE_INT, POSITIVE_INT, Range
 
 
 @dataclass(kw_only=True)
@@ -35,3 +35,9 @@ class PipelineConfig:
     largest |output| when that exceeds 1 (float32 rounding grows with the magnitude)."""
     onnx_opset: Annotated[int, Range(ge=17)] = 17
     """ONNX opset of the export."""
+    int8_calibration: NON_NEGATIVE_INT = 512
+    """Training views the int8 model (`export/model.int8.onnx`) is calibrated on: its
+    activation ranges are the min and max over them. Drawn from the cache's samples x views
+    with the cache's view recipe and seed, so they are inputs the student was trained on. More
+    views narrow the int8 check's bound (derived from the disagreements among them) and cost
+    two ONNX passes each; 0: no int8 model."""

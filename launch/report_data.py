@@ -13,8 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from common.files import ENSEMBLE_PREDICTIONS, PREDICTIONS_FILE, load_predictions
-from common.logging import read_json_if_any
+from common.files import (
+    ENSEMBLE_PREDICTIONS,
+    INT8_PREDICTIONS,
+    PREDICTIONS_FILE,
+    UNPRUNED_EXPORT,
+    load_predictions,
+)
+from common.logging import read_json_if_any, size_text
 from common.stats import (
     RESAMPLES,
     accuracy_interval,
@@ -205,7 +211,31 @@ def verdicts(cfg, r: dict) -> list[dict]:
         slim["kept_margin"] = KEPT_MARGIN
         slim["accuracy_kept"] = slim["ci95"][0] > -KEPT_MARGIN
     out.append(slim)
+    accuracy = ((r.get("export") or {}).get("accuracy")) or {}
+    if "onnx_int8" in accuracy:
+        e = Node("export")
+        pair = (accuracy["onnx"], accuracy["onnx_int8"], _correct(cfg, e))
+        pair += (_correct(cfg, e, INT8_PREDICTIONS),)
+        out.append(comparison("int8 vs float", [pair], n_test, seeds=False))
     return [v for v in out if v is not None]
+
+
+def deployment(cfg, m: dict) -> dict | None:
+    """What deploying costs, as the export measured it on its machine: every format of the
+    exported student and, after slimming, of the unpruned student it was cut from (`rows`,
+    each with its `student`), how each column was measured, and the int8 model's recipe."""
+    e = m.get(Node("export"))
+    if not e or "costs" not in e:
+        return None
+    before = read_json_if_any(
+        graph.directory(cfg, Node("export")) / UNPRUNED_EXPORT / "export.json"
+    )
+    rows = [
+        {"student": "unpruned", **x} for x in ((before or {}).get("costs") or {}).get("rows", [])
+    ]
+    rows += [{"student": "pruned" if before else "exported", **x} for x in e["costs"]["rows"]]
+    keep = ("threads", "batches", "cpu", "memory_method", "latency_method")
+    return {**{k: e["costs"][k] for k in keep}, "rows": rows, "int8": e.get("int8")}
 
 
 def _teachers(cfg, m: dict, manifest: dict) -> list[dict]:
@@ -422,7 +452,8 @@ def collect(cfg, m: dict[Node, dict | None]) -> dict:
         "slim": _slim(cfg, m),
         "export": None
         if m.get(Node("export")) is None
-        else {k: m[Node("export")][k] for k in ("ok", "source", "files", "checks")},
+        else {k: m[Node("export")].get(k) for k in ("ok", "source", "files", "checks", "accuracy")},
+        "deploy": deployment(cfg, m),
     }
     report["verdicts"] = verdicts(cfg, report)
     report["warnings"] = warnings_first(m, report)
@@ -579,6 +610,8 @@ def verdict(r: dict) -> list[str]:
         if p["acc_before_finetune"] is not None and s["baseline"]["acc"] is not None:
             parts.append(before_finetune(p, s["baseline"]))
         lines.append("slimming: " + ", ".join(parts))
+    if r.get("deploy"):
+        lines += [x for x in [deploy_words(r["deploy"], by_name.get("int8 vs float"))] if x]
     c = r["cache"]
     if c["verify_rows_checked"]:
         lines.append(
@@ -587,6 +620,42 @@ def verdict(r: dict) -> list[str]:
             f"top-1 agreement {100 * c['teacher_top1_agreement']:.1f}%"
         )
     return lines
+
+
+def deploy_words(d: dict, int8: dict | None) -> str | None:
+    """The deployable model (the exported student in int8, else float, in ONNX Runtime) with
+    its size, latency and peak memory at the largest batch, as ratios to the float model and
+    to the unpruned student, and the int8 model's accuracy against the float one's."""
+    rows = {(x["student"], x["runtime"], x["precision"]): x for x in d["rows"]}
+    student = "pruned" if ("pruned", "onnxruntime", "float") in rows else "exported"
+    best = rows.get((student, "onnxruntime", "int8")) or rows.get((student, "onnxruntime", "float"))
+    if best is None:
+        return None
+    b = str(max(d["batches"]))
+
+    def costs(x: dict) -> tuple:
+        return x["size_bytes"], x["latency_ms"].get(b), x["peak_memory_bytes"].get(b)
+
+    size, ms, mem = costs(best)
+    said = (
+        f"deployable model `{best['file']}` (ONNX Runtime {best['precision']}, {d['threads']} "
+        f"thread(s)): {size_text(size)}, {ms:.3g} ms at batch {b}"
+        + ("" if mem is None else f", peak memory {size_text(mem)}")
+    )
+    for key, name in (
+        ((student, "onnxruntime", "float"), f"the {student} float model"),
+        (("unpruned", "onnxruntime", "float"), "the unpruned student"),
+    ):
+        ref = rows.get(key)
+        if ref is None or ref is best:
+            continue
+        ratios = [f"{a / r:.2f}x" if a and r else "-" for a, r in zip(costs(best), costs(ref))]
+        said += f"; {ratios[0]} the size, {ratios[1]} the latency, {ratios[2]} the memory of {name}"
+    if int8 is not None:
+        said += f"; int8 accuracy {_pts(int8['gain'])} points against float" + interval_words(
+            int8, "int8"
+        )
+    return said
 
 
 def before_finetune(pruned: dict, unpruned: dict) -> str:

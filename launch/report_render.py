@@ -339,7 +339,56 @@ def markdown(r: dict, figures: dict[str, Path], md_path: Path) -> str:
                 ],
             ),
         ]
+    lines += deployment(r.get("deploy"))
     return "\n".join(lines) + "\n"
+
+
+def deployment(d: dict | None) -> list[str]:
+    """The costs of every exported format where it runs, with how each was measured."""
+    if not d:
+        return []
+    per_batch = " / ".join(f"bs{b}" for b in d["batches"])
+    lines = ["", "## Deployment: size, memory, latency, accuracy", ""]
+    lines += _md_table(
+        (
+            "student",
+            "runtime",
+            "file",
+            "size",
+            f"peak memory {per_batch}",
+            f"latency ms {per_batch}",
+            "test acc",
+        ),
+        [
+            (
+                x["student"],
+                f"{x['runtime']} {x['precision']}",
+                f"`{x['file']}`",
+                size_text(x["size_bytes"]),
+                " / ".join(_bytes(x["peak_memory_bytes"].get(str(b))) for b in d["batches"]),
+                " / ".join(f"{x['latency_ms'][str(b)]:.3g}" for b in d["batches"]),
+                _acc(x["test_acc"]),
+            )
+            for x in d["rows"]
+        ],
+    )
+    c, q = d["cpu"], d.get("int8") or {}
+    isa = ", ".join(c["int8_isa"]) or "none"
+    lines += [
+        "",
+        f"On {c['name'] or 'this CPU'} (int8 instruction sets: {isa}), "
+        f"{d['threads']} thread(s). Latency: {d['latency_method']}. Peak memory: "
+        f"{d['memory_method']}. PyTorch runs the float graph: its accuracy is the float ONNX "
+        "model's.",
+    ]
+    if q:
+        floats = ", ".join(f"{op} x{n}" for op, n in (q.get("float_layers") or {}).items())
+        lines[-1] += f" int8: {q.get('method', '-')}; left in float: {floats or 'nothing'}."
+    return lines
+
+
+def _bytes(n: int | None) -> str:
+    return "-" if n is None else size_text(n)
 
 
 def _slimmed(s: dict) -> str:

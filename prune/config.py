@@ -139,12 +139,14 @@ class FinetuneConfig:
 
     init: str | None = None
     """Pruned model directory; None: the `prune` stage's model."""
-    kd_from: Literal["none", "cache", "live"] = "none"
+    kd_from: Literal["none", "cache", "live", "unpruned"] = "none"
     """none: labels only. cache: distil from the ensemble's cached soft targets on the views
-    the teachers saw. live: distil from `teacher`, run live and frozen."""
+    the teachers saw. live: distil from `teacher`, run live and frozen. unpruned: distil live
+    from the model slimming started from (the KD student of the chain's seed, or
+    `sparsity.init`): the pruned network learns to answer as the one it replaces."""
     teacher: str | None = None
-    """Model directory of the live teacher (`kd_from: live`); None: the unpruned model (the
-    `sparsity` stage's)."""
+    """Model directory of the live teacher (`kd_from: live`); None: the sparsity-trained
+    network the pruned one was cut from (the `sparsity` stage's)."""
     kd: KDConfig = field(default_factory=KDConfig)
     """Temperature and weight of the KD term."""
     scratch_b: bool = False

@@ -101,7 +101,13 @@ def test_every_kd_student_can_be_slimmed():
     assert graph.inputs(every, Node("prune", "seed5"))["model"] == Node("sparsity", "seed5")
     ft = graph.inputs(every, Node("finetune", "seed5"))
     assert ft["model"] == Node("prune", "seed5") and ft["teacher"] == Node("sparsity", "seed5")
-    assert graph.inputs(every, Node("export"))["model"] == Node("finetune", "seed3")
+    assert graph.inputs(every, Node("export")) == {
+        "model": Node("finetune", "seed3"),
+        "unpruned": Node("distill", "seed3"),  # the export measures both
+    }
+    # the fine-tune distilled live from the student its chain slimmed
+    own = cfg("pipeline.slim_every_seed=true", "distill.seeds=[3, 5]", "finetune.kd_from=unpruned")
+    assert graph.inputs(own, Node("finetune", "seed5"))["teacher"] == Node("distill", "seed5")
     assert graph.directory(every, Node("prune", "seed5")).parts[-2:] == ("prune", "seed5")
     assert graph.seed_of(every, "seed5") == 5 and graph.seed_of(every, "") == 0
     keys = [freshness.values(every, Node("sparsity", i)) for i in ("seed3", "seed5")]

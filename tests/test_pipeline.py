@@ -149,7 +149,12 @@ def test_report_has_every_field(run_dir):
     assert g["twins"] == 2 and g["ahead"] == sum(kd["acc"] > ce["acc"] for ce, kd in twins)
     # every comparison with its paired interval, recomputable from the saved predictions
     v = {x["comparison"]: x for x in r["verdicts"]}
-    assert list(v) == ["ensemble vs best member", "KD vs CE", "pruned + fine-tuned vs unpruned"]
+    assert list(v) == [
+        "ensemble vs best member",
+        "KD vs CE",
+        "pruned + fine-tuned vs unpruned",
+        "int8 vs float",
+    ]
     for x in v.values():
         assert x["n_test"] == 96 and x["ci95"][0] <= x["gain"] <= x["ci95"][1], x
         assert x["beyond_noise"] == (x["direction"] != "within noise"), x
@@ -166,6 +171,8 @@ def test_report_has_every_field(run_dir):
     ]
     assert v["KD vs CE"]["gain"] == pytest.approx(np.mean(kd_minus_ce), abs=1e-12)
     assert v["KD vs CE"]["gain"] == pytest.approx(g["gain"], abs=1e-12)
+    int8 = correct("export", "int8_test_predictions.npz").mean() - correct("export").mean()
+    assert v["int8 vs float"]["gain"] == pytest.approx(int8, abs=1e-12)
     ensemble = correct("distill/seed0", "ensemble_test_predictions.npz").mean()
     assert ensemble == pytest.approx(r["ensemble"]["acc"], abs=1e-12)
     e = r["ensemble"]
@@ -193,7 +200,7 @@ def test_report_has_every_field(run_dir):
     assert r["warnings"][0].startswith("AT CHANCE (10.0% with 10 classes")
     assert r["verdict"][: len(r["warnings"])] == r["warnings"]  # said before anything else
     verdict = r["verdict"][len(r["warnings"]) :]
-    assert len(verdict) == 4
+    assert len(verdict) == 5
     assert verdict[0].startswith("ensemble of 2 teachers")
     assert verdict[1].startswith("KD ") and "95% CI [" in verdict[1]
     assert "over 2 seed pair(s), 96 test images; paired bootstrap" in verdict[1]
@@ -208,7 +215,24 @@ def test_report_has_every_field(run_dir):
         f"({100 * drop:+.1f} points; both with BN statistics re-estimated on the same"
         in (verdict[2])
     )
+    # deploying: the pruned int8 model against the pruned float one and the unpruned student,
+    # each format measured at export (export/ and export/unpruned/)
+    assert verdict[3].startswith("deployable model `model.int8.onnx` (ONNX Runtime int8, 1 ")
+    assert "the memory of the pruned float model" in verdict[3]
+    assert "the memory of the unpruned student; int8 accuracy" in verdict[3]
+    d = r["deploy"]
+    assert [(x["student"], x["model"]) for x in d["rows"]] == [
+        ("unpruned", "ONNX Runtime float"),
+        ("unpruned", "PyTorch float"),
+        ("pruned", "ONNX Runtime float"),
+        ("pruned", "ONNX Runtime int8"),
+        ("pruned", "PyTorch float"),
+    ]
+    sizes = {(x["student"], x["precision"], x["runtime"]): x["size_bytes"] for x in d["rows"]}
+    assert sizes["pruned", "int8", "onnxruntime"] < sizes["pruned", "float", "onnxruntime"]
+    assert sizes["pruned", "float", "onnxruntime"] < sizes["unpruned", "float", "onnxruntime"]
     md = (out / "report" / "report.md").read_text()
+    assert "## Deployment: size, memory, latency, accuracy" in md
     assert "## Verdict" in md and "173 training, 19 validation" in md
     # the rule every stage's reported weights follow, read from each stage's metrics (the
     # sparsity stage keeps its last epoch whatever the loop says: L1 is still shrinking)
@@ -389,7 +413,7 @@ def test_plan_lists_every_node_with_its_dependencies():
     assert jobs["cache"]["after"] == MEMBERS and jobs["cache"]["resources"] == "array"
     assert jobs["distill-ce:seed1"]["after"] == []
     assert jobs["sparsity"]["after"] == ["distill:seed0"]  # the KD student, not a teacher
-    assert jobs["export"]["after"] == ["finetune"]
+    assert jobs["export"]["after"] == ["finetune", "distill:seed0"]  # pruned and unpruned
     assert set(jobs["report"]["after"]) == set(EVERY) - {"report"}
     assert jobs["prune"]["args"][:2] == ["prune", "--config"]
     assert jobs["train:cifar_resnet20-s1"]["resources"] == "train"

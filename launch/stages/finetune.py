@@ -42,7 +42,7 @@ def run(cfg, inputs, ctx) -> dict:
         model = build_from_spec(spec)
         ctx.logger.info(f"scratch-B: {loop.epochs} epochs from random init")
     task, splits, choose = labels_or_cached_kd(cfg, fc, loop, inputs, ctx, seed)
-    if fc.kd_from == "live":
+    if fc.kd_from in ("live", "unpruned"):
         teacher = [TeacherConfig(path=str(inputs["teacher"]))]
         task = live_kd(cfg, fc.kd, splits, ctx, teacher, "logits")
     trainer = Trainer(
